@@ -26,19 +26,21 @@ def sequence_baseline(rewards: torch.Tensor, kind: str, num_generations: int = 1
     """A critic-free baseline per sequence: `"none"` (0), `"mean"` (batch mean) or `"rloo"` (leave-one-out).
 
     For `"rloo"` the batch holds `num_generations` consecutive completions per prompt, and each completion's
-    baseline is the mean reward of the other completions of the same prompt.
+    baseline is the mean reward of the other completions of the same prompt. NaN rewards (unscorable completions)
+    are left out of every mean; a baseline with nothing to average is NaN.
     """
     # rewards: (batch,)
     if kind == "none":
         return torch.zeros_like(rewards)
     if kind == "mean":
-        return rewards.mean().expand_as(rewards)
+        return torch.nanmean(rewards).expand_as(rewards)
     if kind == "rloo":
         if num_generations < 2:
             raise ValueError("The leave-one-out baseline needs num_generations >= 2.")
         grouped = rewards.view(-1, num_generations)  # (num_prompts, num_generations)
-        others_sum = grouped.sum(dim=1, keepdim=True) - grouped
-        return (others_sum / (num_generations - 1)).view(-1)
+        scorable = (~grouped.isnan()).sum(dim=1, keepdim=True)  # (num_prompts, 1)
+        others_sum = grouped.nansum(dim=1, keepdim=True) - grouped
+        return (others_sum / (scorable - 1)).view(-1)
     raise ValueError(f"Unknown critic-free baseline {kind!r}; expected one of 'rloo', 'mean', 'none'.")
 
 
@@ -67,6 +69,12 @@ def whiten(values: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """1 − Var(G − V) / Var(G) over masked tokens: 1 is a perfect critic, 0 no better than a constant."""
+    """1 − Var(G − V) / Var(G) over masked tokens: 1 is a perfect critic, 0 no better than a constant.
+
+    NaN when the returns do not vary, where the ratio means nothing (the trainer's logger skips NaN).
+    """
     # values, returns, mask: (batch, completion_len)
-    return 1 - masked_var(returns - values, mask) / masked_var(returns, mask).clamp(min=1e-12)
+    returns_var = masked_var(returns, mask)
+    if returns_var == 0:
+        return torch.full_like(returns_var, torch.nan)
+    return 1 - masked_var(returns - values, mask) / returns_var

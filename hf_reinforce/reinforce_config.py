@@ -63,14 +63,6 @@ class ReinforceConfig(RLOOConfig):
     )
 
     def __post_init__(self):
-        try:
-            super().__post_init__()
-        except ValueError as error:
-            # RLOO's last check asks for groups of at least two completions; a critic or no baseline needs no groups.
-            if not (
-                self.num_generations == 1 and self.baseline in ("critic", "none") and "2 generations" in str(error)
-            ):
-                raise
         if self.baseline not in BASELINES:
             raise ValueError(
                 f"baseline={self.baseline!r} is not supported; set `baseline` to one of {', '.join(BASELINES)}."
@@ -95,5 +87,12 @@ class ReinforceConfig(RLOOConfig):
                 f"num_iterations={self.num_iterations}: REINFORCE is on-policy, each batch of rollouts is used for "
                 "exactly one policy update. Set `num_iterations=1`."
             )
+        try:
+            super().__post_init__()
+        except ValueError as error:
+            # RLOO's last check asks for groups of at least two completions; a critic or no baseline needs no groups.
+            groupless = self.num_generations == 1 and self.baseline in ("critic", "none")
+            if not (groupless and "2 generations" in str(error)):
+                raise
         # RLOO's flag and ours mean the same thing here; honour either.
         self.whiten_advantages = self.whiten_advantages or self.normalize_advantages

@@ -338,6 +338,14 @@ class ReinforceTrainer(RLOOTrainer):
             torch.save(self.critic_optimizer.state_dict(), Path(output_dir) / CRITIC_OPTIMIZER)
             torch.save(self.critic_scheduler.state_dict(), Path(output_dir) / CRITIC_SCHEDULER)
 
+    # Loading an adapter upcasts it to fp32 while TRL trains QLoRA adapters in bf16: resume in the dtype of the run.
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
+        dtypes = {name: param.dtype for name, param in self.model.named_parameters()}
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        for name, param in self.model.named_parameters():
+            if param.dtype != dtypes[name]:
+                param.data = param.data.to(dtypes[name])
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None):
         super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None or self.value_model is None:

@@ -167,7 +167,9 @@ def test_critic_baseline_keeps_the_gradient_unbiased_and_lowers_its_variance(toy
         return toy.critic_values(trained_critic.value_model, [tuple(completion[:t]) for t in range(len(completion))])
 
     def action_dependent_baseline(completion):  # V(s_{t+1}) peeks at a_t: biased by construction
-        return toy.critic_values(trained_critic.value_model, [tuple(completion[: t + 1]) for t in range(len(completion))])
+        return toy.critic_values(
+            trained_critic.value_model, [tuple(completion[: t + 1]) for t in range(len(completion))]
+        )
 
     no_baseline = per_sample_gradients(toy, lambda completion: torch.zeros(len(completion)))
     with_critic = per_sample_gradients(toy, critic_baseline)

@@ -1,0 +1,283 @@
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from torch import nn
+from transformers import BitsAndBytesConfig
+from trl import RLOOConfig
+
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel
+from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_models
+
+
+PROMPTS = Dataset.from_dict({"prompt": ["ab", "ba", "cab", "bc"] * 8})
+
+
+def count_a(completions, **kwargs):
+    return [float(text.count("a")) for text in completions]
+
+
+def config(tmp_path, **overrides) -> ReinforceConfig:
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 8,
+        "num_generations": 4,
+        "max_completion_length": 6,
+        "max_steps": 3,
+        "learning_rate": 1e-3,
+        "critic_learning_rate": 1e-3,
+        "beta": 0.0,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+    }
+    settings.update(overrides)
+    return ReinforceConfig(**settings)
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture
+def abc_tokenizer():
+    return build_tiny_tokenizer(characters="abc")
+
+
+def qlora_kwargs(compute_dtype=torch.float32):
+    return {
+        "quantization_config": BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype
+        ),
+        "peft_config": LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+    }
+
+
+def snapshot(named_parameters) -> dict[str, torch.Tensor]:
+    return {name: param.detach().clone().float() for name, param in named_parameters}
+
+
+def changed(before: dict[str, torch.Tensor], named_parameters) -> set[str]:
+    return {name for name, param in named_parameters if not torch.equal(before[name], param.detach().float())}
+
+
+def logged(trainer, key) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if entry.get(key) is not None]
+
+
+@pytest.mark.parametrize("baseline", ["critic", "rloo", "mean", "none"])
+def test_each_baseline_raises_a_simple_reward(tmp_path, abc_tokenizer, baseline):
+    policy = build_tiny_causal_lm(abc_tokenizer, seed=1)
+    before = snapshot(policy.named_parameters())
+    args = config(tmp_path, baseline=baseline, max_steps=40, learning_rate=3e-3, critic_learning_rate=3e-3)
+    trainer = ReinforceTrainer(
+        model=policy, reward_funcs=count_a, args=args, train_dataset=PROMPTS, processing_class=abc_tokenizer
+    )
+    trainer.train()
+    rewards = logged(trainer, "reward")
+    first, last = sum(rewards[:8]) / 8, sum(rewards[-8:]) / 8
+    print(f"{baseline}: mean reward of the first 8 steps {first:.2f}, of the last 8 steps {last:.2f}")
+    assert last > first + 0.5
+    assert changed(before, policy.named_parameters()) == set(before)
+
+
+def test_logged_metrics_and_tensorboard(tmp_path, tiny_paths):
+    args = config(tmp_path, beta=0.05, report_to=["tensorboard"])
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    trainer.train()
+    entry = trainer.state.log_history[0]
+    for key in (
+        "reward",
+        "reward_std",
+        "kl",
+        "entropy",
+        "completions/mean_length",
+        "advantages/mean",
+        "advantages/std",
+        "critic/value_loss",
+        "critic/explained_variance",
+        "objective/rlhf_reward",
+    ):
+        assert key in entry, key
+    assert any(Path(args.output_dir).rglob("events.out.tfevents.*"))
+
+
+def test_kl_penalty_enters_the_return(tmp_path, tiny_paths):
+    """R = reward − β·KL: with the policy moving, the penalised return falls below the raw reward."""
+    args = config(tmp_path, beta=0.5, max_steps=6, learning_rate=1e-2)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    trainer.train()
+    last = trainer.state.log_history[-2]
+    kl_per_token, mean_length = last["kl"], last["completions/mean_length"]
+    assert kl_per_token > 0
+    # the logged means are over different populations (tokens vs sequences), so compare with a loose tolerance
+    expected = last["reward"] - 0.5 * kl_per_token * mean_length
+    assert last["objective/rlhf_reward"] == pytest.approx(expected, rel=0.3, abs=0.05)
+
+
+def test_qlora_shared_base_trains_policy_and_critic_on_one_base(tmp_path, tiny_paths):
+    args = config(tmp_path, beta=0.05, critic_shares_base=True)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, **qlora_kwargs()
+    )
+    policy = trainer.model
+    assert isinstance(policy, PeftModel) and policy.is_loaded_in_4bit
+    assert trainer.value_model.backbone is policy and trainer.ref_model is None  # one quantised base in memory
+    assert set(policy.peft_config) == {"default", "critic"}
+    before = snapshot(policy.named_parameters())
+    head_before = trainer.value_model.value_head.weight.detach().clone()
+    trainer.train()
+    moved = changed(before, policy.named_parameters())
+    assert any(".default." in name for name in moved), "the policy adapter did not train"
+    assert any(".critic." in name for name in moved), "the critic adapter did not train"
+    assert all(".default." in name or ".critic." in name for name in moved), "the frozen base moved"
+    assert not torch.equal(head_before, trainer.value_model.value_head.weight)
+    assert all(math.isfinite(v) for v in logged(trainer, "kl"))
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+def test_qlora_separate_critic_is_its_own_quantised_lora_model(tmp_path, tiny_paths, compute_dtype):
+    args = config(tmp_path, critic_shares_base=False, max_steps=2)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=count_a,
+        args=args,
+        train_dataset=PROMPTS,
+        **qlora_kwargs(compute_dtype),
+    )
+    critic_backbone = trainer.value_model.backbone
+    assert critic_backbone is not trainer.model and isinstance(critic_backbone, PeftModel)
+    assert critic_backbone.is_loaded_in_4bit
+    before = snapshot(critic_backbone.named_parameters())
+    trainer.train()
+    assert changed(before, critic_backbone.named_parameters())
+
+
+def test_critic_warmup_moves_the_critic_only(tmp_path, tiny_paths):
+    args = config(tmp_path, critic_warmup_steps=3, max_steps=3, critic_shares_base=True)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, **qlora_kwargs()
+    )
+    before = snapshot(trainer.model.named_parameters())
+    trainer.train()
+    moved = changed(before, trainer.model.named_parameters())
+    assert moved and all(".critic." in name for name in moved)
+
+
+@pytest.mark.parametrize("shares_base", [True, False])
+def test_value_model_maps_each_prefix_to_one_value(tmp_path, tiny_paths, shares_base):
+    args = config(tmp_path, critic_shares_base=shares_base)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, **qlora_kwargs()
+    )
+    nn.init.normal_(trainer.value_model.value_head.weight)  # a non-zero head, so values depend on the input
+    input_ids = torch.randint(4, 40, (3, 7))
+    values = trainer.value_model(input_ids, torch.ones_like(input_ids))
+    assert values.shape == (3, 7) and values.dtype == torch.float32
+    edited = input_ids.clone()
+    edited[:, 5] = 41  # changing token 5 may change V of prefixes that contain it, never of shorter ones
+    edited_values = trainer.value_model(edited, torch.ones_like(edited))
+    torch.testing.assert_close(values[:, :5], edited_values[:, :5])
+    assert not torch.allclose(values[:, 5:], edited_values[:, 5:])
+
+
+def test_value_model_from_reward_model_starts_from_its_score_head(tmp_path, tiny_paths):
+    from transformers import AutoModelForSequenceClassification
+
+    reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_paths["reward_model"], num_labels=1)
+    args = config(tmp_path, max_steps=1)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=reward_model, args=args, train_dataset=PROMPTS)
+    torch.testing.assert_close(trainer.value_model.value_head.weight, reward_model.score.weight)
+    trainer.train()
+
+
+@pytest.mark.parametrize("use_qlora", [False, True])
+def test_resume_from_checkpoint_reproduces_an_uninterrupted_run(tmp_path, tiny_paths, use_qlora):
+    def run(output_dir, resume_from_checkpoint=None):
+        args = config(tmp_path, output_dir=str(output_dir), max_steps=4, save_strategy="steps", save_steps=2)
+        trainer = ReinforceTrainer(
+            model=tiny_paths["policy"],
+            reward_funcs=count_a,
+            args=args,
+            train_dataset=PROMPTS,
+            **(qlora_kwargs() if use_qlora else {}),
+        )
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        return snapshot(trainer.model.named_parameters()), trainer.value_model.trainable_state_dict()
+
+    policy_straight, critic_straight = run(tmp_path / "straight")
+    checkpoint = tmp_path / "straight" / "checkpoint-2"
+    for name in ("critic_state.safetensors", "critic_optimizer.pt", "critic_scheduler.pt", "value_model"):
+        assert (checkpoint / name).exists(), name
+    assert (checkpoint / "value_model" / "value_head.safetensors").exists()
+    assert [p.name for p in checkpoint.rglob("*.bin")] == ["training_args.bin"]  # weights are all safetensors
+    policy_resumed, critic_resumed = run(tmp_path / "resumed", resume_from_checkpoint=str(checkpoint))
+    for name, tensor in policy_straight.items():
+        torch.testing.assert_close(policy_resumed[name], tensor, msg=name)
+    for name, tensor in critic_straight.items():
+        torch.testing.assert_close(critic_resumed[name], tensor, msg=name)
+
+
+def test_saved_value_model_reloads_with_the_same_values(tmp_path, tiny_paths):
+    args = config(tmp_path, critic_shares_base=False)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=count_a,
+        args=args,
+        train_dataset=PROMPTS,
+        **{"peft_config": LoraConfig(r=4, target_modules=["q_proj", "v_proj"])},
+    )
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    input_ids = torch.randint(4, 40, (2, 9))
+    reloaded = ValueHeadModel.from_pretrained(tmp_path / "final" / "value_model")
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids), trainer.value_model(input_ids), atol=1e-5, rtol=0)
+
+
+def test_non_finite_rewards_are_skipped_and_counted(tmp_path, tiny_paths):
+    def sometimes_broken(completions, **kwargs):
+        return [
+            math.inf if i % 4 == 0 else (math.nan if i % 4 == 1 else float(t.count("a")))
+            for i, t in enumerate(completions)
+        ]
+
+    args = config(tmp_path, max_steps=2)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=sometimes_broken, args=args, train_dataset=PROMPTS
+    )
+    trainer.train()
+    assert logged(trainer, "rewards/num_nonfinite")[0] == 4  # the inf rows; NaN is TRL's "unscorable" and dropped
+    for module in (trainer.model, trainer.value_model):
+        assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_bad_configuration_is_named(tmp_path, tiny_paths):
+    with pytest.raises(ValueError, match="baseline='ppo' is not supported; set `baseline`"):
+        config(tmp_path, baseline="ppo")
+    with pytest.raises(ValueError, match="baseline='rloo' needs at least two completions.*num_generations"):
+        config(tmp_path, baseline="rloo", num_generations=1)
+    with pytest.raises(ValueError, match="num_iterations"):
+        config(tmp_path, num_iterations=2)
+    with pytest.raises(ValueError, match="gamma"):
+        config(tmp_path, gamma=0.0)
+    assert config(tmp_path, baseline="critic", num_generations=1).num_generations == 1
+    assert config(tmp_path, baseline="none", num_generations=1).num_generations == 1
+
+
+def test_bad_value_models_are_named(tmp_path, tiny_paths):
+    kwargs = {"model": tiny_paths["policy"], "reward_funcs": count_a, "train_dataset": PROMPTS}
+    with pytest.raises(TypeError, match="value_model must be"):
+        ReinforceTrainer(args=config(tmp_path), value_model=42, **kwargs)
+    with pytest.raises(TypeError, match="value_model must be"):
+        ReinforceTrainer(args=config(tmp_path), value_model=nn.Linear(4, 1), **kwargs)
+    with pytest.raises(ValueError, match="value_model is only used with baseline='critic'"):
+        ReinforceTrainer(args=config(tmp_path, baseline="rloo"), value_model=tiny_paths["policy"], **kwargs)
+    with pytest.raises(TypeError, match="ReinforceConfig"):
+        ReinforceTrainer(args=RLOOConfig(str(tmp_path), bf16=False, report_to="none"), **kwargs)

@@ -7,7 +7,7 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, PreTrainedModel, get_scheduler
 from trl import RLOOConfig, RLOOTrainer
-from trl.trainer.utils import use_adapter
+from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
 from .advantages import (
     discounted_returns,
@@ -19,6 +19,7 @@ from .advantages import (
     whiten,
 )
 from .losses import reinforce_loss, value_loss
+from .quantization import keep_4bit_layers_differentiable
 from .reinforce_config import ReinforceConfig
 from .value_head import ValueHeadModel
 
@@ -101,11 +102,15 @@ class ReinforceTrainer(RLOOTrainer):
         # The KL penalty enters the return in `_generate_and_score_completions`, where the reference forward runs
         # once; zeroing RLOO's own coefficient keeps the parent from running it a second time.
         self.kl_coef, self.beta = self.beta, 0.0
+        keep_4bit_layers_differentiable(self.model)
         self.value_model = None
         self.critic_optimizer = self.critic_scheduler = None
         if args.baseline == "critic":
             self.value_model = self._build_value_model(value_model, quantization_config)
-            self._critic = self._wrap_for_data_parallel(self.value_model)
+            keep_4bit_layers_differentiable(self.value_model)
+            if args.disable_dropout:
+                disable_dropout_in_model(self.value_model)
+            self._critic = self._wrap_for_data_parallel(self.value_model.train())
         elif value_model is not None:
             raise ValueError(f"value_model is only used with baseline='critic', but baseline={args.baseline!r}.")
 
@@ -279,7 +284,6 @@ class ReinforceTrainer(RLOOTrainer):
         prompt_length = input_ids.size(1) - returns.size(1)
         chunk = self.args.per_device_train_batch_size
         losses = []
-        self._critic.train()
         with self.value_model.critic_adapter():
             for _ in range(self.args.critic_epochs):
                 for start in range(0, len(input_ids), chunk):

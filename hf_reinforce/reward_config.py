@@ -1,0 +1,27 @@
+from dataclasses import dataclass
+
+from trl import RewardConfig as TRLRewardConfig
+
+
+@dataclass
+class RewardConfig(TRLRewardConfig):
+    r"""
+    Configuration for [`RewardTrainer`]: every [`trl.RewardConfig`] field, unchanged, checked before training.
+
+    The trainer minimises the Bradley-Terry loss `−p·log σ(r_c − r_r − m) − (1−p)·log σ(r_r − r_c − m)`, where `p`
+    is the dataset's optional `chosen_prob` column (1.0 when absent, which is TRL's loss) and `m` its optional
+    `margin` column. Both are per-row data, so no field is needed to switch them on.
+    """
+
+    def __post_init__(self):
+        super().__post_init__()
+        # TRL accepts these values and then fails, or trains on nothing, far from the line that set them
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(
+                f"`max_length` must be a positive number of tokens or None (no filtering), got {self.max_length}."
+            )
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(
+                "`center_rewards_coefficient` must be >= 0: a negative value rewards pushing every reward away "
+                f"from zero, which has no minimum. Got {self.center_rewards_coefficient}."
+            )

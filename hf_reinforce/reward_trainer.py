@@ -1,0 +1,223 @@
+"""Bradley-Terry reward model training with soft preference labels: TRL's `RewardTrainer` with four changes.
+
+1. The loss is `hf_reinforce.losses.bradley_terry_loss`, fed by an optional `chosen_prob` column (soft labels).
+2. Malformed preference data fails at construction with a message that names the row, the column and the fix.
+3. QLoRA trains on CPU with fp32 activations (TRL casts the trainable parameters of a quantized model to bf16) and
+   keeps training after an evaluation (bitsandbytes would switch to a CPU kernel without backward).
+4. The reward head always joins the PEFT `modules_to_save`, so a saved adapter carries its trained head.
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
+from peft import PeftConfig, PeftModel
+from transformers import BitsAndBytesConfig, DataCollator, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
+from transformers.trainer_utils import EvalPrediction
+from trl import RewardTrainer as TRLRewardTrainer
+from trl.data_utils import get_dataset_column_names
+from trl.trainer.reward_trainer import DataCollatorForPreference
+from trl.trainer.utils import get_config_model_id
+
+from .losses import bradley_terry_loss
+from .quantization import keep_4bit_layers_differentiable
+from .reward_config import RewardConfig
+
+
+CHOSEN_PROB_COLUMN = "chosen_prob"
+# The names transformers gives the head of a sequence classifier: decoder models use `score`, encoders `classifier`
+REWARD_HEAD_NAMES = ("score", "classifier")
+
+
+@dataclass
+class DataCollatorForSoftPreference(DataCollatorForPreference):
+    """TRL's [`DataCollatorForPreference`] that also batches the optional `chosen_prob` column, as it does `margin`."""
+
+    def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = super().torch_call(examples)
+        if CHOSEN_PROB_COLUMN in examples[0]:
+            # (batch,): one probability per pair, aligned with the chosen half of `input_ids`
+            chosen_prob = [example[CHOSEN_PROB_COLUMN] for example in examples]
+            batch[CHOSEN_PROB_COLUMN] = torch.tensor(chosen_prob, dtype=torch.float)
+        return batch
+
+
+def _is_empty(answer: Any) -> bool:
+    # A text answer is empty when blank; a conversational one when it has no message
+    return answer is None or len(answer.strip() if isinstance(answer, str) else answer) == 0
+
+
+def _check_preference_example(example: dict[str, Any], index: int, dataset_name: str) -> dict[str, Any]:
+    for column in ("chosen", "rejected"):
+        if column in example and _is_empty(example[column]):
+            raise ValueError(
+                f"Row {index} of the {dataset_name} dataset has an empty `{column}` answer; every pair needs two "
+                "non-empty answers. Drop such rows first, e.g. `dataset.filter(lambda row: row['chosen'].strip() "
+                "and row['rejected'].strip())`."
+            )
+    chosen_prob = example.get(CHOSEN_PROB_COLUMN, 1.0)
+    if not (isinstance(chosen_prob, (int, float)) and 0.0 <= chosen_prob <= 1.0):  # NaN fails both comparisons
+        raise ValueError(
+            f"Row {index} of the {dataset_name} dataset has `{CHOSEN_PROB_COLUMN}`={chosen_prob!r}; it must be a "
+            "probability in [0, 1] (how likely annotators are to prefer `chosen`). Fix or drop that row."
+        )
+    return example
+
+
+def with_reward_head_saved(peft_config: PeftConfig | None) -> PeftConfig | None:
+    """A copy of `peft_config` whose `modules_to_save` includes the reward head (TRL issue #1379).
+
+    Left out, the head keeps its random initialisation, is frozen and is missing from the saved adapter. PEFT methods
+    without such a list (prompt tuning and the like) are returned as they are.
+    """
+    if peft_config is None or not hasattr(peft_config, "modules_to_save"):
+        return peft_config
+    peft_config = copy.copy(peft_config)
+    modules_to_save = list(peft_config.modules_to_save or [])
+    peft_config.modules_to_save = modules_to_save + [name for name in REWARD_HEAD_NAMES if name not in modules_to_save]
+    return peft_config
+
+
+def cast_trainable_parameters_to_activation_dtype(model: torch.nn.Module) -> None:
+    """Undo TRL's bf16 cast of a quantized model's trainable parameters when its activations are not bf16.
+
+    TRL casts LoRA and the reward head to bf16 for QLoRA, but bitsandbytes layers compute in `bnb_4bit_compute_dtype`
+    and return their input's dtype, so the hidden states keep the dtype of the unquantized embeddings: with fp32
+    embeddings a bf16 head fails with "expected m1 and m2 to have the same dtype".
+    """
+    activation_dtype = model.get_input_embeddings().weight.dtype
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.to(activation_dtype)
+
+
+def check_preference_dataset(dataset: Dataset | IterableDataset, dataset_name: str) -> Dataset | IterableDataset:
+    """Raise a `ValueError` naming the column and the fix if `dataset` is not a usable preference dataset.
+
+    A `Dataset` is checked row by row now; an `IterableDataset` (streaming) lazily, as its rows are read, and the
+    returned dataset must then be used in its place.
+    """
+    column_names = get_dataset_column_names(dataset)
+    is_tokenized = {"chosen_ids", "rejected_ids"} <= set(column_names)
+    is_legacy_tokenized = {"chosen_input_ids", "rejected_input_ids"} <= set(column_names)
+    if not (is_tokenized or is_legacy_tokenized):
+        for column in ("chosen", "rejected"):
+            if column not in column_names:
+                raise ValueError(
+                    f"The {dataset_name} dataset has no `{column}` column (its columns: {column_names}). A preference "
+                    "dataset needs `chosen` and `rejected` answers, plus an optional shared `prompt`; rename yours, "
+                    f"e.g. `dataset = dataset.rename_column('response_b', '{column}')`."
+                )
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(_check_preference_example, with_indices=True, fn_kwargs={"dataset_name": dataset_name})
+    checked_columns = [name for name in ("chosen", "rejected", CHOSEN_PROB_COLUMN) if name in column_names]
+    if checked_columns:
+        for index, example in enumerate(dataset.select_columns(checked_columns)):
+            _check_preference_example(example, index, dataset_name)
+    return dataset
+
+
+class RewardTrainer(TRLRewardTrainer):
+    """Drop-in [`trl.RewardTrainer`] training on soft preference labels, with QLoRA that also runs on CPU.
+
+    Same arguments as TRL's trainer. Rows may carry `chosen_prob` (probability that annotators prefer `chosen`,
+    default 1.0) next to TRL's `margin`; the loss is `hf_reinforce.losses.bradley_terry_loss` and `soft_accuracy`,
+    `mean_chosen_reward` and `mean_rejected_reward` join TRL's metrics.
+    """
+
+    _tag_names = ["trl", "reward-trainer", "hf_reinforce"]
+
+    # Why: collate `chosen_prob`, keep the reward head in the adapter, undo TRL's bf16 cast of a quantized model and
+    # keep its 4-bit layers differentiable after evaluations
+    def __init__(
+        self,
+        model: "str | PreTrainedModel | PeftModel",
+        args: RewardConfig | None = None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset
+        | IterableDataset
+        | DatasetDict
+        | IterableDatasetDict
+        | dict[str, Dataset | IterableDataset]
+        | None = None,
+        processing_class: PreTrainedTokenizerBase | None = None,
+        compute_metrics: Callable[[EvalPrediction], dict] | None = None,
+        callbacks: list[TrainerCallback] | None = None,
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LambdaLR | None] = (None, None),
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        preprocess_logits_for_metrics: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        quantization_config: "BitsAndBytesConfig | None" = None,
+        peft_config: "PeftConfig | None" = None,
+    ):
+        if args is None:  # TRL would default to its own config, which skips our checks
+            model_name = model if isinstance(model, str) else get_config_model_id(model.config)
+            args = RewardConfig(f"{model_name.split('/')[-1]}-Reward")
+        super().__init__(
+            model=model,
+            args=args,
+            data_collator=data_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=processing_class,
+            compute_metrics=compute_metrics,
+            callbacks=callbacks,
+            optimizers=optimizers,
+            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
+            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
+            quantization_config=quantization_config,
+            peft_config=with_reward_head_saved(peft_config),
+        )
+        if data_collator is None:
+            self.data_collator = DataCollatorForSoftPreference(
+                pad_token_id=self.processing_class.pad_token_id, pad_to_multiple_of=self.args.pad_to_multiple_of
+            )
+        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False):
+            cast_trainable_parameters_to_activation_dtype(self.model)
+        keep_4bit_layers_differentiable(self.model)
+
+    # Why: reject malformed preference data at construction, before TRL tokenizes it and training starts
+    def _prepare_dataset(
+        self,
+        dataset: Dataset | IterableDataset,
+        processing_class: PreTrainedTokenizerBase,
+        args: RewardConfig,
+        dataset_name: str,
+    ) -> Dataset | IterableDataset:
+        dataset = check_preference_dataset(dataset, dataset_name)
+        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    # Why: `remove_unused_columns` would drop `chosen_prob` before the collator sees it, as it would `margin`
+    def _set_signature_columns_if_needed(self):
+        super()._set_signature_columns_if_needed()
+        if CHOSEN_PROB_COLUMN not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, CHOSEN_PROB_COLUMN]
+
+    # Why: swap TRL's hard-label loss for the soft-label one; TRL's forward pass and metrics are kept as they are
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs = dict(inputs)
+        chosen_prob = inputs.pop(CHOSEN_PROB_COLUMN, None)  # (batch,) or None; the model must not receive it
+        _, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+
+        # outputs.logits: (2·batch, 1), the chosen answers first
+        rewards_chosen, rewards_rejected = torch.chunk(outputs.logits.squeeze(-1), chunks=2)  # (batch,) each
+        loss = bradley_terry_loss(rewards_chosen, rewards_rejected, chosen_prob, inputs.get("margin"))
+        if self.args.center_rewards_coefficient is not None:
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((rewards_chosen + rewards_rejected) ** 2)
+
+        with torch.no_grad():
+            mode = "train" if self.model.training else "eval"
+            prob = torch.ones_like(rewards_chosen) if chosen_prob is None else chosen_prob.to(rewards_chosen.dtype)
+            # Expected agreement with an annotator who prefers `chosen` with probability p; ties agree with no one
+            agreement = prob * (rewards_chosen > rewards_rejected) + (1 - prob) * (rewards_rejected > rewards_chosen)
+            for name, values in (
+                ("soft_accuracy", agreement),
+                ("mean_chosen_reward", rewards_chosen),
+                ("mean_rejected_reward", rewards_rejected),
+            ):
+                self._metrics[mode][name].append(self.accelerator.gather_for_metrics(values.mean()).mean().item())
+
+        return (loss, outputs) if return_outputs else loss

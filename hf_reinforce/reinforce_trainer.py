@@ -207,9 +207,11 @@ class ReinforceTrainer(RLOOTrainer):
         scorable = rewards.isfinite()
         mask = completion_mask * scorable[local].unsqueeze(1)  # (B, C): unscorable completions teach nothing
         returns = discounted_returns(rewards[local].nan_to_num(0.0, 0.0, 0.0), mask, self.args.gamma)  # (B, C)
-        if self.value_model is not None:
-            values = self._critic_values(input_ids, attention_mask, prompt_ids.size(1))  # (B, C) = V(s_t)
+        if self.value_model is not None and mode == "train":
+            values, critic_loss = self._fit_critic(input_ids, attention_mask, returns, mask)  # values: (B, C) = V(s_t)
             baselines = values
+        elif self.value_model is not None:
+            baselines = values = self._critic_values(input_ids, attention_mask, returns.size(1))
         else:
             num_generations = self.num_generations if mode == "train" else self.num_generations_eval
             baselines = sequence_baseline(
@@ -229,7 +231,7 @@ class ReinforceTrainer(RLOOTrainer):
             metrics["critic/values_mean"].append(masked_mean(values, mask).item())
             metrics["critic/explained_variance"].append(explained_variance(values, returns, mask).item())
             if mode == "train":
-                metrics["critic/value_loss"].append(self._update_critic(input_ids, attention_mask, returns, mask))
+                metrics["critic/value_loss"].append(critic_loss)
         return output
 
     def _sequence_rewards(self, output, input_ids, attention_mask) -> torch.Tensor:
@@ -267,39 +269,43 @@ class ReinforceTrainer(RLOOTrainer):
                 self.model, input_ids, attention_mask, logits_to_keep, batch_size, **kwargs
             )[0]
 
-    @torch.no_grad()
-    def _critic_values(self, input_ids, attention_mask, prompt_length) -> torch.Tensor:
-        """V(s_t) for each completion token a_t; s_t is the prefix before it, whose last position is t − 1."""
-        chunk = self.args.per_device_train_batch_size
-        values = torch.cat(
-            [
-                self._critic(input_ids[i : i + chunk], attention_mask[i : i + chunk])
-                for i in range(0, len(input_ids), chunk)
-            ]
-        )  # (B, P+C)
-        return values[:, prompt_length - 1 : -1].float()  # (B, C)
+    def _critic_rows(self, input_ids, attention_mask, rows, completion_length) -> torch.Tensor:
+        """V(s_t) for each completion token a_t of the rows; s_t is the prefix before a_t, ending at position t − 1."""
+        values = self._critic(input_ids[rows], attention_mask[rows])  # (rows, P+C)
+        return values[:, -completion_length - 1 : -1].float()  # (rows, C)
 
-    def _update_critic(self, input_ids, attention_mask, returns, mask) -> float:
-        """Regress V(s_t) on the returns with the critic's own optimizer; returns the mean value loss."""
-        prompt_length = input_ids.size(1) - returns.size(1)
+    def _row_chunks(self, num_rows: int) -> list[slice]:
         chunk = self.args.per_device_train_batch_size
-        losses = []
+        return [slice(start, start + chunk) for start in range(0, num_rows, chunk)]
+
+    @torch.no_grad()
+    def _critic_values(self, input_ids, attention_mask, completion_length) -> torch.Tensor:
+        chunks = self._row_chunks(len(input_ids))
+        return torch.cat([self._critic_rows(input_ids, attention_mask, rows, completion_length) for rows in chunks])
+
+    def _fit_critic(self, input_ids, attention_mask, returns, mask) -> tuple[torch.Tensor, float]:
+        """Regress V(s_t) on the returns with the critic's own optimizer.
+
+        Returns the values each row had before the critic trained on it, which are the baselines: the first pass
+        of the regression computes them anyway, so no separate value pass is needed.
+        """
+        baseline_values, losses = [], []
         with self.value_model.critic_adapter():
-            for _ in range(self.args.critic_epochs):
-                for start in range(0, len(input_ids), chunk):
-                    rows = slice(start, start + chunk)
-                    values = self._critic(input_ids[rows], attention_mask[rows])[:, prompt_length - 1 : -1]
+            for epoch in range(self.args.critic_epochs):
+                for rows in self._row_chunks(len(input_ids)):
+                    values = self._critic_rows(input_ids, attention_mask, rows, returns.size(1))
+                    if epoch == 0:
+                        baseline_values.append(values.detach())
                     loss = value_loss(values, returns[rows], mask[rows])
                     loss.backward()
                     if self.args.critic_max_grad_norm > 0:
-                        torch.nn.utils.clip_grad_norm_(
-                            self.value_model.trainable_parameters(), self.args.critic_max_grad_norm
-                        )
+                        parameters = self.value_model.trainable_parameters()
+                        torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)
                     self.critic_optimizer.step()
                     self.critic_optimizer.zero_grad(set_to_none=True)
                     losses.append(loss.item())
         self.critic_scheduler.step()
-        return sum(losses) / len(losses)
+        return torch.cat(baseline_values), sum(losses) / len(losses)
 
     # The seed's token-level loss on the advantages above; during critic warm-up the policy does not move.
     def _compute_loss(self, model, inputs):

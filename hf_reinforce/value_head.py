@@ -64,7 +64,7 @@ class ValueHeadModel(nn.Module):
     @contextlib.contextmanager
     def critic_adapter(self):
         """Activate the critic's adapter on a shared base for the duration (a no-op for a critic of its own)."""
-        if self.adapter_name is None:
+        if self.adapter_name is None or self.backbone.active_adapter == self.adapter_name:
             yield
             return
         previous = self.backbone.active_adapter

@@ -102,6 +102,7 @@ class ReinforceTrainer(RLOOTrainer):
         # The KL penalty enters the return in `_generate_and_score_completions`, where the reference forward runs
         # once; zeroing RLOO's own coefficient keeps the parent from running it a second time.
         self.kl_coef, self.beta = self.beta, 0.0
+        self._scoring_rollouts = False
         keep_4bit_layers_differentiable(self.model)
         self.value_model = None
         self.critic_optimizer = self.critic_scheduler = None
@@ -192,9 +193,24 @@ class ReinforceTrainer(RLOOTrainer):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._rewards_per_func
 
+    # RLOO scores each rollout under the current policy for its ratio clipping; the REINFORCE loss has no ratio, so
+    # that forward pass is skipped unless the KL penalty needs those log-probabilities.
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
+        if self._scoring_rollouts and self.kl_coef == 0.0:
+            return input_ids.new_zeros(input_ids.size(0), logits_to_keep, dtype=torch.float32), None, None
+        return super()._get_per_token_logps_and_entropies(
+            model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+        )
+
     # Replaces RLOO's sequence advantages by the per-token A_t = G_t − b_t of the configured baseline.
     def _generate_and_score_completions(self, inputs):
-        output = super()._generate_and_score_completions(inputs)
+        self._scoring_rollouts = True
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._scoring_rollouts = False
+        if self.kl_coef == 0.0:
+            output.pop("old_logps")  # zeros: never computed, see above
         mode = "train" if self.model.training else "eval"
         prompt_ids, completion_mask = output["prompt_ids"], output["completion_mask"]
         input_ids = torch.cat([prompt_ids, output["completion_ids"]], dim=1)  # (B, P+C)

@@ -281,3 +281,30 @@ def test_bad_value_models_are_named(tmp_path, tiny_paths):
         ReinforceTrainer(args=config(tmp_path, baseline="rloo"), value_model=tiny_paths["policy"], **kwargs)
     with pytest.raises(TypeError, match="ReinforceConfig"):
         ReinforceTrainer(args=RLOOConfig(str(tmp_path), bf16=False, report_to="none"), **kwargs)
+
+
+def test_rloo_baseline_reproduces_trl_rloo_advantages_at_token_level(tmp_path, tiny_paths):
+    from trl import RLOOTrainer
+
+    settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 8, "num_generations": 4}
+    settings.update({"max_completion_length": 6, "beta": 0.0, "bf16": False, "report_to": "none"})
+    trl_trainer = RLOOTrainer(
+        model=tiny_paths["policy"], reward_funcs=count_a, args=RLOOConfig(**settings), train_dataset=PROMPTS
+    )
+    ours = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=count_a,
+        args=ReinforceConfig(baseline="rloo", **settings),
+        train_dataset=PROMPTS,
+    )
+    batch = [{"prompt": prompt} for prompt in ["ab", "ab", "ab", "ab", "cab", "cab", "cab", "cab"]]
+    outputs = []
+    for trainer in (trl_trainer, ours):
+        trainer.model.train()
+        torch.manual_seed(0)
+        outputs.append(trainer._generate_and_score_completions(batch))
+    trl_output, our_output = outputs
+    assert torch.equal(trl_output["completion_ids"], our_output["completion_ids"])
+    mask = our_output["completion_mask"]
+    torch.testing.assert_close(our_output["advantages"], trl_output["advantages"][:, None] * mask)
+    assert trl_output["advantages"].abs().sum() > 0  # the check compares something

@@ -1,0 +1,204 @@
+"""The `hf-reinforce` command: runs the training scripts, in this process or through `accelerate launch`."""
+
+import argparse
+import importlib
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+
+# Shipped with the repository (not the wheel): `--accelerate_config ddp` means recipes/accelerate_configs/ddp.yaml.
+ACCELERATE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate_configs"
+TRAINING_SCRIPTS = {
+    "reward": "Train a Bradley-Terry reward model on preference pairs (columns chosen/rejected).",
+    "reinforce": "Fine-tune a causal LM with REINFORCE (critic, RLOO or mean baseline) against a reward model.",
+}
+DESCRIPTION = """\
+REINFORCE with a value-head critic and Bradley-Terry reward models, as TRL trainers.
+
+The training commands take a recipe (--config, a YAML file of flags) and any flag of the script, which overrides the
+recipe. They run in this process, or with --accelerate_config through `accelerate launch` on several processes."""
+EXAMPLES = """\
+examples:
+  # offline, on CPU, in a couple of minutes: tiny models and data, then the tiny recipes
+  hf-reinforce make-tiny --output_dir outputs/tiny
+  hf-reinforce reward --config recipes/tiny/reward/config_qlora.yaml
+  hf-reinforce reinforce --config recipes/tiny/reinforce/config_qlora.yaml
+
+  # Qwen2.5-0.5B with QLoRA on one GPU: the reward model, then the policy trained against it
+  hf-reinforce reward --config recipes/qwen2.5-0.5b/reward/config_qlora.yaml
+  hf-reinforce reinforce --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml
+
+  # the same on 4 GPUs with DDP (ddp, zero2, zero3, fsdp2 and single_gpu are shipped in recipes/accelerate_configs);
+  # with several processes the critic is its own model rather than an adapter on the policy's base
+  hf-reinforce reinforce --accelerate_config ddp --num_processes 4 \\
+      --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml --critic_shares_base false
+
+Run `hf-reinforce <command> --help` for the options of a command."""
+LAUNCH_HELP = """\
+launching on several processes:
+  --accelerate_config NAME_OR_PATH
+                        Run through `accelerate launch --config_file ...`: a config file, or the name of one in
+                        recipes/accelerate_configs: {names}.
+                        Flags the script does not know go to `accelerate launch`, e.g. --num_processes 2.
+                        Without --accelerate_config the script runs in this process."""
+
+
+def shipped_accelerate_configs() -> list[str]:
+    return sorted(path.stem for path in ACCELERATE_CONFIGS_DIR.glob("*.yaml"))
+
+
+def resolve_accelerate_config(name_or_path: str) -> Path:
+    """A path to an accelerate config file, or the name of one in recipes/accelerate_configs."""
+    if Path(name_or_path).is_file():
+        return Path(name_or_path)
+    shipped = ACCELERATE_CONFIGS_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise SystemExit(
+        f"--accelerate_config {name_or_path}: no such file, nor a shipped config (one of "
+        f"{', '.join(shipped_accelerate_configs())})."
+    )
+
+
+def pop_accelerate_config(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Split `--accelerate_config X` (or `--accelerate_config=X`) off the arguments of a training command."""
+    for index, argument in enumerate(argv):
+        if argument == "--accelerate_config":
+            if index + 1 == len(argv):
+                raise SystemExit("--accelerate_config needs a value: a config file or a shipped config's name.")
+            return argv[index + 1], argv[:index] + argv[index + 2 :]
+        if argument.startswith("--accelerate_config="):
+            return argument.split("=", 1)[1], argv[:index] + argv[index + 1 :]
+    return None, argv
+
+
+def remove_subsequence(arguments: list[str], subsequence: list[str]) -> list[str]:
+    """`arguments` without the items of `subsequence`, matched in order (the parser's leftovers keep their order)."""
+    remaining = iter(subsequence)
+    pending = next(remaining, None)
+    kept = []
+    for argument in arguments:
+        if pending is not None and argument == pending:
+            pending = next(remaining, None)
+        else:
+            kept.append(argument)
+    return kept
+
+
+def accelerate_launch_command(script: str, config_file: Path, launch_args: list[str], script_args: list[str]) -> list:
+    return [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(config_file),
+        *launch_args,
+        "-m",
+        f"hf_reinforce.scripts.{script}",
+        *script_args,
+    ]
+
+
+def run_training_script(script: str, argv: list[str]) -> int:
+    module = importlib.import_module(f"hf_reinforce.scripts.{script}")
+    parser = module.make_parser(prog=f"hf-reinforce {script}")
+    parser.epilog = LAUNCH_HELP.format(names=", ".join(shipped_accelerate_configs()))
+    accelerate_config, argv = pop_accelerate_config(argv)
+
+    if accelerate_config is None:
+        module.main(*parser.parse_args_and_config(argv))
+        return 0
+
+    # Parsing here first reports a bad flag or recipe once, before any process starts; what the script does not
+    # know is left over and goes to `accelerate launch`.
+    *_, unknown_recipe_keys, launch_args = parser.parse_args_and_config(
+        argv, return_remaining_strings=True, separate_remaining_strings=True
+    )
+    if unknown_recipe_keys:
+        raise SystemExit(f"The recipe sets arguments the {script} script does not have: {unknown_recipe_keys}")
+    command = accelerate_launch_command(
+        script, resolve_accelerate_config(accelerate_config), launch_args, remove_subsequence(argv, launch_args)
+    )
+    print(f"Running: {shlex.join(command)}", file=sys.stderr, flush=True)
+    return subprocess.run(command).returncode
+
+
+def make_tiny(output_dir: str, num_train_pairs: int, seed: int) -> dict[str, str]:
+    """
+    Write what the tiny recipes read: a tiny Llama policy and reward model (with their tokenizer), preference pairs
+    and prompts, each as train.jsonl + test.jsonl. Returns the written paths by role.
+    """
+    # Imported here, like the scripts, so that `hf-reinforce --help` does not wait for torch and transformers.
+    from hf_reinforce.testing import make_preference_dataset, save_tiny_models
+
+    output = Path(output_dir)
+    paths = save_tiny_models(output, seed=seed)
+    splits = {
+        "train": make_preference_dataset(num_train_pairs, seed=seed),
+        # Another seed, so the held-out pairs are not copies of training pairs.
+        "test": make_preference_dataset(max(num_train_pairs // 4, 1), seed=seed + 1),
+    }
+    for split, pairs in splits.items():
+        pairs.to_json(output / "preferences" / f"{split}.jsonl")
+        pairs.select_columns(["prompt"]).to_json(output / "prompts" / f"{split}.jsonl")
+    paths.update(preferences=str(output / "preferences"), prompts=str(output / "prompts"))
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-reinforce",
+        description=DESCRIPTION,
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for script, help_text in TRAINING_SCRIPTS.items():
+        # The script's own parser handles its flags and --help, so this one takes none.
+        commands.add_parser(script, help=help_text, add_help=False)
+    commands.add_parser(
+        "demo",
+        help="Run the offline end-to-end demo (see `hf-reinforce demo --help`).",
+        add_help=False,
+    )
+    make_tiny_parser = commands.add_parser(
+        "make-tiny",
+        help="Write the tiny models and datasets that the recipes in recipes/tiny read (offline, seconds).",
+        description="Write a tiny Llama policy, a tiny reward model, preference pairs and prompts for the offline "
+        "CPU recipes in recipes/tiny.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    make_tiny_parser.add_argument(
+        "--output_dir", default="outputs/tiny", help="Folder to write; the tiny recipes read outputs/tiny."
+    )
+    make_tiny_parser.add_argument("--num_train_pairs", type=int, default=256, help="Training preference pairs.")
+    make_tiny_parser.add_argument("--seed", type=int, default=0, help="Seed of the model weights and the data.")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    # Only the command name is parsed here: everything after it belongs to the command.
+    args, command_argv = parser.parse_known_args(argv[:1])
+    command_argv += argv[1:]
+
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command in TRAINING_SCRIPTS:
+        return run_training_script(args.command, command_argv)
+    if args.command == "demo":
+        demo = importlib.import_module("hf_reinforce.scripts.demo")
+        sys.argv = ["hf-reinforce demo", *command_argv]
+        return demo.main() or 0
+    tiny_args = parser.parse_args(argv)
+    for role, path in make_tiny(tiny_args.output_dir, tiny_args.num_train_pairs, tiny_args.seed).items():
+        print(f"{role}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -19,6 +19,7 @@ from .advantages import (
     whiten,
 )
 from .losses import reinforce_loss, value_loss
+from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
 from .reinforce_config import ReinforceConfig
 from .value_head import ValueHeadModel
@@ -44,7 +45,7 @@ MULTIMODAL_KEYS = (
 )
 
 
-class ReinforceTrainer(RLOOTrainer):
+class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
     """
     REINFORCE with a baseline: the loss `−1/S Σ_i Σ_t A_t · log π(a_t|s_t)` with `A_t = G_t − b_t`.
 
@@ -354,7 +355,10 @@ class ReinforceTrainer(RLOOTrainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         super().save_model(output_dir, _internal_call)
         if self.value_model is not None and self.args.should_save:
-            self.value_model.save_pretrained(Path(output_dir or self.args.output_dir) / VALUE_MODEL_DIR)
+            # A critic adapter on the policy's base is already saved by PEFT, in the `critic` sub-folder
+            shared_adapter = f"../{CRITIC_ADAPTER}" if self.value_model.adapter_name == CRITIC_ADAPTER else None
+            value_model_dir = Path(output_dir or self.args.output_dir) / VALUE_MODEL_DIR
+            self.value_model.save_pretrained(value_model_dir, adapter_saved_at=shared_adapter)
 
     # Checkpoints hold the critic's exact trainable state and its optimizer and schedule, for resuming.
     def _save_optimizer_and_scheduler(self, output_dir: str):

@@ -23,6 +23,7 @@ from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id
 
 from .losses import bradley_terry_loss
+from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
 from .reward_config import RewardConfig
 
@@ -120,7 +121,7 @@ def check_preference_dataset(dataset: Dataset | IterableDataset, dataset_name: s
     return dataset
 
 
-class RewardTrainer(TRLRewardTrainer):
+class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
     """Drop-in [`trl.RewardTrainer`] training on soft preference labels, with QLoRA that also runs on CPU.
 
     Same arguments as TRL's trainer. Rows may carry `chosen_prob` (probability that annotators prefer `chosen`,

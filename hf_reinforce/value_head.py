@@ -5,10 +5,11 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import AutoModel, PreTrainedModel
+from transformers import PreTrainedModel
 
 
 VALUE_HEAD_WEIGHTS = "value_head.safetensors"
@@ -113,14 +114,28 @@ class ValueHeadModel(nn.Module):
         else:
             self.backbone.load_state_dict(backbone_state)
 
-    def save_pretrained(self, save_directory: str | Path) -> None:
-        """Save in loadable form: the head (safetensors), a small config, and the adapter or backbone weights."""
+    def _auto_class_name(self) -> str:
+        """The transformers auto class that rebuilds the backbone, so that saved adapter weights find their modules."""
+        model = self.backbone.get_base_model() if isinstance(self.backbone, PeftModel) else self.backbone
+        for suffix in ("ForCausalLM", "ForSequenceClassification"):
+            if type(model).__name__.endswith(suffix):
+                return f"AutoModel{suffix}"
+        return "AutoModel"
+
+    def save_pretrained(self, save_directory: str | Path, adapter_saved_at: str | None = None) -> None:
+        """Save in loadable form: the head (safetensors), a small config, and the adapter or backbone weights.
+
+        `adapter_saved_at` is for a critic adapter already written next to the policy that shares its base (a path
+        relative to `save_directory`): the config points there instead of writing the adapter a second time.
+        """
         save_directory = Path(save_directory)
         save_directory.mkdir(parents=True, exist_ok=True)
         save_file(
             {k: v.contiguous() for k, v in self.value_head.state_dict().items()}, save_directory / VALUE_HEAD_WEIGHTS
         )
-        if self.adapter_name is not None:
+        if adapter_saved_at is not None:
+            adapter_directory = adapter_saved_at
+        elif self.adapter_name is not None:
             self.backbone.save_pretrained(save_directory, selected_adapters=[self.adapter_name])
             adapter_directory = self.adapter_name  # PEFT stores a non-default adapter in a sub-folder of its name
         else:
@@ -128,6 +143,7 @@ class ValueHeadModel(nn.Module):
             adapter_directory = "." if isinstance(self.backbone, PeftModel) else None
         config = {
             "base_model_name_or_path": getattr(self.config, "_name_or_path", None),
+            "auto_class": self._auto_class_name(),
             "adapter_directory": adapter_directory,
             "hidden_size": self.value_head.in_features,
         }
@@ -138,10 +154,11 @@ class ValueHeadModel(nn.Module):
         """Load a critic saved by `save_pretrained`; `base_model` overrides the base recorded for an adapter."""
         directory = Path(directory)
         config = json.loads((directory / VALUE_HEAD_CONFIG).read_text())
+        auto_class = getattr(transformers, config["auto_class"])
         if config["adapter_directory"] is None:
-            backbone = AutoModel.from_pretrained(directory, **model_kwargs)
+            backbone = auto_class.from_pretrained(directory, **model_kwargs)
         else:
-            base = AutoModel.from_pretrained(base_model or config["base_model_name_or_path"], **model_kwargs)
+            base = auto_class.from_pretrained(base_model or config["base_model_name_or_path"], **model_kwargs)
             backbone = PeftModel.from_pretrained(base, directory / config["adapter_directory"])
         critic = cls(backbone)
         critic.value_head.load_state_dict(load_file(directory / VALUE_HEAD_WEIGHTS))

@@ -32,14 +32,16 @@ def common_settings(output_dir: str, steps: int) -> dict:
         "per_device_train_batch_size": 16,
         "num_generations": 4,
         "max_completion_length": 32,
+        # every completion runs to full length, so that step times compare equal amounts of work
+        "generation_kwargs": {"min_new_tokens": 32},
         "max_steps": steps,
-        "learning_rate": 1e-4,
         "beta": 0.05,
+        "learning_rate": 1e-4,
         "bf16": False,
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 1,
-        "disable_tqdm": True,
+        "disable_tqdm": False,  # the per-step log lines go to the progress bar on stderr, not into the table
     }
 
 
@@ -60,9 +62,9 @@ def run(name: str, paths: dict, steps: int, qlora: bool, **config) -> dict:
                 r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
             )
         if name.startswith("trl"):
-            trainer_cls, args = RLOOTrainer, RLOOConfig(**common_settings(output_dir, steps), **config)
+            trainer_cls, args = RLOOTrainer, RLOOConfig(**{**common_settings(output_dir, steps), **config})
         else:
-            trainer_cls, args = ReinforceTrainer, ReinforceConfig(**common_settings(output_dir, steps), **config)
+            trainer_cls, args = ReinforceTrainer, ReinforceConfig(**{**common_settings(output_dir, steps), **config})
         dataset = Dataset.from_dict({"prompt": ["the cat ", "a dog ", "an apple ", "one bee "] * 64})
         trainer = trainer_cls(model=paths["policy"], reward_funcs=count_a, args=args, train_dataset=dataset, **kwargs)
         trainer.train()
@@ -75,6 +77,9 @@ CONFIGURATIONS = {
     "trl RLOOTrainer": (False, {}),
     "ReinforceTrainer rloo": (False, {"baseline": "rloo"}),
     "ReinforceTrainer critic": (False, {"baseline": "critic"}),
+    "trl RLOOTrainer, beta=0": (False, {"beta": 0.0}),
+    "ReinforceTrainer rloo, beta=0": (False, {"baseline": "rloo", "beta": 0.0}),
+    "ReinforceTrainer critic, beta=0": (False, {"baseline": "critic", "beta": 0.0}),
     "trl RLOOTrainer, QLoRA": (True, {}),
     "ReinforceTrainer critic, QLoRA shared base": (True, {"baseline": "critic", "critic_shares_base": True}),
     "ReinforceTrainer critic, QLoRA separate critic": (True, {"baseline": "critic", "critic_shares_base": False}),
@@ -111,10 +116,11 @@ def main():
     )
     reference = results["trl RLOOTrainer"]["median_step_s"]
     qlora_reference = results["trl RLOOTrainer, QLoRA"]["median_step_s"]
-    print("| configuration | median step (s) | vs TRL RLOO (same precision) | weights held (MB) |")
+    beta0_reference = results["trl RLOOTrainer, beta=0"]["median_step_s"]
+    print("| configuration | median step (s) | vs TRL RLOO (same precision and beta) | weights held (MB) |")
     print("|---|---|---|---|")
     for name, result in results.items():
-        base = qlora_reference if "QLoRA" in name else reference
+        base = qlora_reference if "QLoRA" in name else beta0_reference if "beta=0" in name else reference
         print(
             f"| {name} | {result['median_step_s']:.3f} | {result['median_step_s'] / base:.2f}x | "
             f"{result['weight_mb']:.1f} |"

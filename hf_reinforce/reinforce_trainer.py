@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather
-from peft import PeftModel
+from peft import PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, PreTrainedModel, get_scheduler
 from trl import RLOOConfig, RLOOTrainer
@@ -139,17 +139,19 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
             model_init_kwargs = dict(self.args.model_init_kwargs or {})
             if quantization_config is not None:
                 model_init_kwargs["quantization_config"] = quantization_config
+                model_init_kwargs.setdefault("device_map", {"": self.accelerator.device})  # 4-bit weights don't move
             backbone = AutoModel.from_pretrained(value_model or source.config._name_or_path, **model_init_kwargs)
             if isinstance(self.model, PeftModel):
                 backbone = self._lora_copy(backbone)
         else:
             backbone = copy.deepcopy(source.base_model)  # full fine-tuning: the critic starts as a copy of the decoder
         critic = ValueHeadModel(backbone, head_init=head_init)
-        return critic if quantization_config is not None else critic.to(self.accelerator.device)
+        if quantization_config is None:
+            return critic.to(self.accelerator.device)
+        critic.value_head.to(self.accelerator.device)
+        return critic
 
     def _lora_copy(self, backbone):
-        from peft import get_peft_model
-
         lora_config = copy.deepcopy(self.model.peft_config["default"])
         lora_config.task_type = None  # the critic's backbone is a bare decoder, not a causal LM
         return get_peft_model(backbone, lora_config)

@@ -29,15 +29,6 @@ PROMPTS = Dataset.from_dict({"prompt": ["ab", "ba", "cab", "bc"] * 8})
 INPUT_IDS = torch.tensor([[10, 11, 12, 13, 14, 15, 16], [20, 21, 22, 23, 24, 25, 26]])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_cpu_thread():
-    # Tiny models gain nothing from a second thread, and on a busy machine waiting threads slow each step down
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_paths(tmp_path_factory):
     return save_tiny_models(tmp_path_factory.mktemp("tiny"))

@@ -253,7 +253,7 @@ def test_non_finite_rewards_are_skipped_and_counted(tmp_path, tiny_paths):
         model=tiny_paths["policy"], reward_funcs=sometimes_broken, args=args, train_dataset=PROMPTS
     )
     trainer.train()
-    assert logged(trainer, "rewards/num_nonfinite")[0] == 4  # the inf rows; NaN is TRL's "unscorable" and dropped
+    assert logged(trainer, "rewards/num_nonfinite")[0] == 4  # of 8 completions a step: 2 scored inf, 2 NaN
     for module in (trainer.model, trainer.value_model):
         assert all(torch.isfinite(p).all() for p in module.parameters())
 

@@ -21,16 +21,6 @@ from hf_reinforce.testing import (
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_cpu_thread():
-    # Tiny models gain nothing from intra-op threads, and on a busy machine OpenMP threads waiting for a core they
-    # share make some steps 100 times slower
-    num_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(num_threads)
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_tiny_tokenizer()

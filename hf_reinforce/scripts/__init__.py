@@ -7,6 +7,8 @@ This module holds what both scripts share besides dataset loading (which lives i
 
 import argparse
 
+from trl import TrlParser
+
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the line breaks of a script's description (its example commands) and shows every flag's default."""
@@ -37,4 +39,25 @@ def report_process(trainer) -> None:
         f"[process {state.process_index + 1}/{state.num_processes}] finished {trainer.state.global_step} optimizer "
         f"steps on {state.device} ({state.distributed_type})",
         flush=True,
+    )
+
+
+def save_and_finish(trainer, training_args, dataset_name: str | None, saved_what: str) -> None:
+    """The end both scripts share: report every process, save, push when asked, then release the process group."""
+    report_process(trainer)
+    trainer.save_model(training_args.output_dir)
+    trainer.accelerator.print(f"{saved_what} saved to {training_args.output_dir}.")
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=dataset_name)
+    trainer.end()
+
+
+def make_script_parser(dataclass_types: tuple, description: str, prog: str | None = None) -> TrlParser:
+    return TrlParser(
+        dataclass_types,
+        prog=prog,
+        # The help lists every flag below; the generated usage line would list them all a second time.
+        usage="%(prog)s [--config RECIPE.yaml] [--FLAG VALUE ...]",
+        description=description,
+        formatter_class=HelpFormatter,
     )

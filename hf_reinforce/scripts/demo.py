@@ -58,6 +58,15 @@ WORDS = (
 ).split()
 MAX_COMPLETION_LENGTH = 24  # characters (= tokens): about four words
 QUANTIZATION = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+# What both trainers are given to run here: on the CPU, without checkpoints or trackers, with progress bars.
+CPU_RUN = {
+    "bf16": False,
+    "use_cpu": True,
+    "activation_checkpointing": False,
+    "disable_tqdm": False,  # quieted library logging would switch the bars off
+    "save_strategy": "no",
+    "report_to": "none",
+}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STAGES = ("pretrain", "preferences", "reward model", "reinforce", "evaluate")
 PLOT_FILE, SUMMARY_FILE = "training_curves.png", "summary.json"
@@ -200,13 +209,8 @@ def train_reward_model(args: DemoArguments, base_model: str, pairs: Dataset, out
         learning_rate=3e-3,
         lr_scheduler_type="constant",
         logging_steps=max(args.reward_steps // 30, 1),
-        bf16=False,
-        use_cpu=True,
-        activation_checkpointing=False,
-        disable_tqdm=False,  # quieted library logging would switch the bars off
-        save_strategy="no",
-        report_to="none",
         seed=args.seed,
+        **CPU_RUN,
     )
     trainer = RewardTrainer(
         model=base_model,
@@ -272,13 +276,8 @@ def build_reinforce_trainer(args: DemoArguments, base_model: str, reward_functio
         reward_weights=[1.0, 0.0],
         max_steps=args.reinforce_steps,
         logging_steps=max(args.reinforce_steps // 30, 1),
-        bf16=False,
-        use_cpu=True,
-        activation_checkpointing=False,
-        disable_tqdm=False,  # quieted library logging would switch the bars off
-        save_strategy="no",
-        report_to="none",
         seed=args.seed,
+        **CPU_RUN,
     )
     trainer = ReinforceTrainer(
         model=base_model,

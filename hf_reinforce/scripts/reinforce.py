@@ -21,7 +21,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreT
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
-from hf_reinforce.scripts import HelpFormatter, model_init_kwargs, report_process
+from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish
 from hf_reinforce.scripts.data import eval_split, load_script_dataset
 
 
@@ -114,24 +114,11 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
         value_model=script_args.value_model_name_or_path,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    report_process(trainer)
-
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Policy saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
+    save_and_finish(trainer, training_args, script_args.dataset_name, saved_what="Policy")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser(
-        (ReinforceScriptArguments, ReinforceConfig, ModelConfig),
-        prog=prog,
-        # The help lists every flag below; the generated usage line would list them all a second time.
-        usage="%(prog)s [--config RECIPE.yaml] [--FLAG VALUE ...]",
-        description=__doc__,
-        formatter_class=HelpFormatter,
-    )
+    return make_script_parser((ReinforceScriptArguments, ReinforceConfig, ModelConfig), __doc__, prog)
 
 
 if __name__ == "__main__":

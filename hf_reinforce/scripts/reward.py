@@ -14,7 +14,7 @@ Flags given with --config override the recipe's values, e.g. --learning_rate 5e-
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from hf_reinforce import RewardConfig, RewardTrainer
-from hf_reinforce.scripts import HelpFormatter, model_init_kwargs, report_process
+from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish
 from hf_reinforce.scripts.data import eval_split, load_script_dataset
 
 
@@ -37,24 +37,11 @@ def main(script_args: ScriptArguments, training_args: RewardConfig, model_args: 
         peft_config=get_peft_config(model_args),
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    report_process(trainer)
-
-    trainer.save_model(training_args.output_dir)
-    trainer.accelerator.print(f"Reward model saved to {training_args.output_dir}.")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
-    trainer.end()
+    save_and_finish(trainer, training_args, script_args.dataset_name, saved_what="Reward model")
 
 
 def make_parser(prog: str | None = None) -> TrlParser:
-    return TrlParser(
-        (ScriptArguments, RewardConfig, ModelConfig),
-        prog=prog,
-        # The help lists every flag below; the generated usage line would list them all a second time.
-        usage="%(prog)s [--config RECIPE.yaml] [--FLAG VALUE ...]",
-        description=__doc__,
-        formatter_class=HelpFormatter,
-    )
+    return make_script_parser((ScriptArguments, RewardConfig, ModelConfig), __doc__, prog)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pathlib import Path
 ACCELERATE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate_configs"
 TRAINING_SCRIPTS = {
     "reward": "Train a Bradley-Terry reward model on preference pairs (columns chosen/rejected).",
-    "reinforce": "Fine-tune a causal LM with REINFORCE (critic, RLOO or mean baseline) against a reward model.",
+    "reinforce": "Fine-tune a causal LM with REINFORCE against a reward model (baseline: critic, rloo, mean or none).",
 }
 DESCRIPTION = """\
 REINFORCE with a value-head critic and Bradley-Terry reward models, as TRL trainers.

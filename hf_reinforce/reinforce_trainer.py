@@ -318,13 +318,13 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
                     loss = value_loss(values, returns[rows], mask[rows])
                     loss.backward()
                     if self.args.critic_max_grad_norm > 0:
-                        parameters = self.value_model.trainable_parameters()
+                        parameters = self.critic_optimizer.param_groups[0]["params"]
                         torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)
                     self.critic_optimizer.step()
                     self.critic_optimizer.zero_grad(set_to_none=True)
-                    losses.append(loss.item())
+                    losses.append(loss.detach())
         self.critic_scheduler.step()
-        return torch.cat(baseline_values), sum(losses) / len(losses)
+        return torch.cat(baseline_values), torch.stack(losses).mean().item()  # one device sync per update
 
     # The seed's token-level loss on the advantages above; during critic warm-up the policy does not move.
     def _compute_loss(self, model, inputs):

@@ -8,6 +8,7 @@ this one run. "Weight memory" counts the bytes of every distinct tensor held by 
 """
 
 import argparse
+import os
 import platform
 import statistics
 import tempfile
@@ -91,19 +92,24 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median over all is kept")
     parser.add_argument("--hidden_size", type=int, default=256)
+    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as model_dir:
         paths = save_tiny_models(
             model_dir,
             hidden_size=args.hidden_size,
             intermediate_size=4 * args.hidden_size,
-            num_hidden_layers=4,
+            num_hidden_layers=args.num_layers,
             num_attention_heads=8,
             num_key_value_heads=4,
         )
         results = {}
-        for name, (qlora, config) in CONFIGURATIONS.items():
+        for name in args.configurations:
+            qlora, config = CONFIGURATIONS[name]
             runs = [run(name, paths, args.steps, qlora, **config) for _ in range(args.repeats)]
             results[name] = {
                 "median_step_s": statistics.median(r["median_step_s"] for r in runs),

@@ -1,7 +1,14 @@
 """Returns, baselines and advantages: pure functions over (batch, completion_len) tensors and their masks.
 
-Masks are 1 on completion tokens (up to and including EOS) and 0 on the padding after it, so a completion that
-ends early simply has a shorter run of ones.
+Notation of the seed: S sampled completions i, tokens a_t in states s_t (the prompt and the tokens before a_t), the
+return G_t of token t, a baseline b_t, the advantage A_t = G_t − b_t and the policy loss
+−1/S Σ_i Σ_t A_t·log π(a_t|s_t).
+Masks are 1 on completion tokens (up to and including EOS) and 0 on the padding after it, so a completion that ends
+early simply has a shorter run of ones.
+
+Every baseline here is unbiased: b_t^i may depend on s_t^i (the tokens before a_t) and on the *other* completions,
+never on a_t or on what follows it, so E[b_t·∇log π(a_t|s_t)] = b_t·Σ_a ∇π(a|s_t) = 0 and subtracting it leaves the
+expected gradient unchanged while it can shrink its variance.
 """
 
 import torch
@@ -22,6 +29,62 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     return rewards.unsqueeze(1) * gamma**steps_to_end * mask  # (batch, completion_len)
 
 
+def token_rewards(rewards: torch.Tensor, per_token_kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-token rewards r_t = −β·KL_t, plus the sequence reward R on the last completion token.
+
+    The KL penalty is paid where it is incurred, so a value critic can tell a state whose KL is already spent from
+    one whose KL is still to come.
+    """
+    # rewards: (batch,)   per_token_kl, mask: (batch, completion_len)
+    lengths = mask.sum(dim=1).long()  # (batch,)
+    last = torch.nn.functional.one_hot((lengths - 1).clamp(min=0), mask.size(1)).to(rewards.dtype)  # (B, C)
+    last = last * (lengths > 0).unsqueeze(1)
+    return (-beta * per_token_kl + rewards.unsqueeze(1) * last) * mask
+
+
+def reward_to_go(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """G_t = Σ_{k≥t} γ^(k−t)·r_k: the return of token t from per-token rewards (0 on padding)."""
+    # rewards, mask: (batch, completion_len)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = rewards[:, t] + gamma * running * mask[:, t]
+        returns[:, t] = running
+    return returns * mask
+
+
+def gae_advantages(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0, lam: float = 1.0
+) -> torch.Tensor:
+    """Generalised advantage estimation: A_t = Σ_l (γλ)^l δ_{t+l}, δ_t = r_t + γ·b_{t+1} − b_t, b after the end = 0.
+
+    `values` are the baselines b_t. With λ = 1 this is exactly the seed's Monte-Carlo advantage G_t − b_t; λ < 1
+    trades the variance of the sampled future for the bias of the baselines.
+    """
+    # rewards, values, mask: (batch, completion_len)
+    values = values * mask
+    next_values = torch.cat([values[:, 1:], torch.zeros_like(values[:, :1])], dim=1)  # b_{t+1}, 0 after the end
+    deltas = (rewards + gamma * next_values - values) * mask
+    advantages = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.size(1))):
+        running = deltas[:, t] + gamma * lam * running * mask[:, t]
+        advantages[:, t] = running
+    return advantages * mask
+
+
+def leave_one_out_mean(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Mean of the other members of each consecutive group of `group_size`.
+
+    NaN members are left out of the others' means, and get NaN themselves, as does a member with no other present.
+    """
+    # values: (batch, ...) with batch divisible by group_size; the mean is over dim 0 within each group
+    grouped = values.view(-1, group_size, *values.shape[1:])  # (num_groups, group_size, ...)
+    present = (~grouped.isnan()).sum(dim=1, keepdim=True)  # (num_groups, 1, ...)
+    others_sum = grouped.nansum(dim=1, keepdim=True) - grouped  # NaN for a NaN member
+    return (others_sum / (present - 1)).view(values.shape)  # NaN too where no other member is present
+
+
 def sequence_baseline(rewards: torch.Tensor, kind: str, num_generations: int = 1) -> torch.Tensor:
     """A critic-free baseline per sequence: `"none"` (0), `"mean"` (batch mean) or `"rloo"` (leave-one-out).
 
@@ -37,11 +100,85 @@ def sequence_baseline(rewards: torch.Tensor, kind: str, num_generations: int = 1
     if kind == "rloo":
         if num_generations < 2:
             raise ValueError("The leave-one-out baseline needs num_generations >= 2.")
-        grouped = rewards.view(-1, num_generations)  # (num_prompts, num_generations)
-        scorable = (~grouped.isnan()).sum(dim=1, keepdim=True)  # (num_prompts, 1)
-        others_sum = grouped.nansum(dim=1, keepdim=True) - grouped
-        return (others_sum / (scorable - 1)).view(-1)
+        return leave_one_out_mean(rewards, num_generations)
     raise ValueError(f"Unknown critic-free baseline {kind!r}; expected one of 'rloo', 'mean', 'none'.")
+
+
+def carry_forward(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each row's values on its completion tokens, its last one repeated over the padding after it; NaN for a row
+    without tokens. Lets a completion that ended early still stand beside longer ones at every position."""
+    # values, mask: (batch, completion_len)
+    lengths = mask.sum(dim=1).long()  # (batch,)
+    positions = torch.arange(values.size(1), device=values.device).unsqueeze(0)  # (1, completion_len)
+    index = torch.minimum(positions, (lengths - 1).clamp(min=0).unsqueeze(1))  # (batch, completion_len)
+    carried = values.gather(1, index)
+    return carried.masked_fill((lengths == 0).unsqueeze(1), torch.nan)
+
+
+def critic_baseline(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int, weight: float = 1.0
+) -> torch.Tensor:
+    """b_t^i = w·V(s_t^i) + mean_{j≠i}(G_t^j − w·V(s_t^j)): the critic recentred on the other completions.
+
+    The others are the `group_size` consecutive completions of one prompt, or the whole batch when each prompt is
+    sampled once; a completion shorter than t stands in with its last token's G − w·V. The seed's baseline is V(s_t);
+    its errors that are shared by the others at the same step (a level that lags the rising rewards, an expected
+    future the critic has not learned yet) cancel, and what remains is what the critic knows of *this* completion's
+    state against the others': the tokens it has written so far, and, without groups, its prompt.
+
+    - w = 0, or a critic that is constant: b_t^i = mean_{j≠i} G_t^j, with the reward paid at the end exactly
+      RLOO's leave-one-out mean (the batch mean without groups): an untrained or lagging critic costs nothing.
+    - w = 1: V(s_t^i) plus the others' mean error, the seed's state-dependent baseline.
+
+    Unbiased for any w that does not depend on completion i: b_t^i uses only s_t^i and the other completions, never
+    a_t or what follows it. NaN returns (unscorable completions) are left out of the others' mean.
+    """
+    # values, returns, mask: (batch, completion_len)   -> (batch, completion_len), NaN where no other completion
+    residuals = carry_forward(returns - weight * values, mask)  # (batch, completion_len)
+    return weight * values + leave_one_out_mean(residuals, group_size)
+
+
+def recentred(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int):
+    """x = V(s_t) − others' mean V(s_t) and y = G_t − others' mean G_t, with the mask of tokens where both exist:
+    what `critic_baseline` asks of the critic is to predict y by x."""
+    # values, returns, mask: (batch, completion_len)
+    x = values - leave_one_out_mean(carry_forward(values, mask), group_size)
+    y = returns - leave_one_out_mean(carry_forward(returns, mask), group_size)
+    return x, y, mask * ~(x.isnan() | y.isnan())
+
+
+def critic_weight_sums(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """[Σ x·y, Σ x², Σ y²] for the slope of y = G_t − others' mean G_t on x = V(s_t) − others' mean V(s_t).
+
+    The slope is the weight w of `critic_baseline` that minimises the advantages' variance: 1 for exact values, 0
+    for values that are noise, above 1 for values that move less than the returns do.
+    """
+    x, y, usable = recentred(values, returns, mask, group_size)
+    return regression_sums(y, x, usable)
+
+
+def recentred_explained_variance(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """1 − Σ(y − x)² / Σ y² with x, y of `recentred`: the share of the returns' deviations from the other
+    completions' that the critic's deviations predict. 0 for a constant critic; unlike `explained_variance`, blind to
+    errors that every completion shares at a step, which the recentred baseline cancels."""
+    x, y, usable = recentred(values, returns, mask, group_size)
+    x, y = x.nan_to_num(0.0) * usable, y.nan_to_num(0.0) * usable
+    return 1 - (y - x).square().sum() / y.square().sum().clamp(min=1e-12)
+
+
+def regression_sums(targets: torch.Tensor, predictors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[Σ x·y, Σ x², Σ y²] over masked entries: the least-squares slope of y on x through 0 is Σ x·y / Σ x².
+
+    Used to weigh a critic term by how much of the return it actually predicts: for exact values the slope is 1, for
+    values that are noise 0, for values that move less than the returns do above 1.
+    """
+    # targets, predictors, mask: (batch, completion_len) or (batch,)
+    targets, predictors = targets.nan_to_num(0.0) * mask, predictors.nan_to_num(0.0) * mask
+    return torch.stack([(targets * predictors).sum(), predictors.square().sum(), targets.square().sum()])  # (3,)
 
 
 def token_advantages(returns: torch.Tensor, baselines: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -1,3 +1,4 @@
+import math
 from dataclasses import dataclass, field
 
 from trl import RLOOConfig
@@ -10,8 +11,10 @@ class ReinforceConfig(RLOOConfig):
     r"""
     Configuration for [`ReinforceTrainer`]: every [`trl.RLOOConfig`] field, plus the baseline and the critic.
 
-    The policy loss is `−1/S Σ_i Σ_t A_t · log π(a_t|s_t)` with `A_t = G_t − b_t`, where `G_t` is the return of the
-    sequence reward (reward functions minus `beta`·KL to the reference) and `b_t` the baseline chosen by `baseline`.
+    The policy loss is `−1/S Σ_i Σ_t A_t · log π(a_t|s_t)` with `A_t = G_t − b_t`, where `G_t` is the return of token t
+    (the reward functions' score minus `beta` times the KL to the reference still to come) and `b_t` the baseline
+    chosen by `baseline`. With `num_iterations > 1` each batch of rollouts is reused with the clipped, importance-
+    weighted form of that loss (`epsilon`, `epsilon_high`), as in `trl.RLOOTrainer`.
     """
 
     baseline: str = field(
@@ -24,14 +27,20 @@ class ReinforceConfig(RLOOConfig):
         },
     )
     critic_learning_rate: float = field(
-        default=1e-5,
-        metadata={"help": "Learning rate of the critic's own AdamW optimizer (used only when baseline='critic')."},
+        default=1e-3,
+        metadata={
+            "help": "Learning rate of the critic's own AdamW optimizer (used only when baseline='critic'). The critic "
+            "regresses returns in normalised units (running mean and standard deviation), so one value serves "
+            "rewards of any scale."
+        },
     )
     critic_warmup_steps: int = field(
         default=0,
         metadata={
-            "help": "Number of optimizer steps during which only the critic learns and the policy stays fixed, so "
-            "that the baseline is informative before it shapes the policy gradient."
+            "help": "Number of optimizer steps during which the critic learns but the baseline ignores it: the "
+            "policy learns meanwhile with the critic-free fallback (leave-one-out mean, or batch mean when "
+            "num_generations=1). Rarely needed: the critic's terms are weighted by how well they have been predicting "
+            "the returns, so an untrained critic is ignored anyway."
         },
     )
     critic_shares_base: bool = field(
@@ -42,9 +51,18 @@ class ReinforceConfig(RLOOConfig):
             "fine-tuning, where the critic is always its own model."
         },
     )
+    critic_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "With critic_shares_base, the number of top decoder layers the critic's adapter trains. The "
+            "layers below carry no critic weights, so their forward is the reference model's, already computed for "
+            "the KL penalty: a critic on a quarter of the layers (the default, None) costs about a quarter of a full "
+            "one. 0 trains every layer. Ignored when the critic starts from a reward adapter, whose layers it keeps."
+        },
+    )
     critic_epochs: int = field(
         default=1,
-        metadata={"help": "Passes of critic regression over each batch of rollouts."},
+        metadata={"help": "Optimizer steps of critic regression on each batch of rollouts."},
     )
     critic_max_grad_norm: float = field(
         default=1.0,
@@ -57,8 +75,16 @@ class ReinforceConfig(RLOOConfig):
     gamma: float = field(
         default=1.0,
         metadata={
-            "help": "Discount of the reward paid at the last completion token; 1.0 is the undiscounted return, "
-            "where every token's return is the sequence reward R."
+            "help": "Discount of the per-token rewards; 1.0 is the undiscounted return, where every token's return is "
+            "the sequence reward R minus the KL penalty still to come."
+        },
+    )
+    lam: float = field(
+        default=1.0,
+        metadata={
+            "help": "GAE λ of the critic's advantages: 1.0 is the Monte-Carlo advantage G_t − b_t of the seed "
+            "(unbiased); below 1 trades sampled returns for the critic's own predictions. The critic itself always "
+            "regresses Monte-Carlo returns."
         },
     )
 
@@ -74,24 +100,27 @@ class ReinforceConfig(RLOOConfig):
             )
         if self.num_generations < 1:
             raise ValueError(f"num_generations={self.num_generations} must be at least 1.")
-        if self.critic_learning_rate <= 0:
-            raise ValueError(f"critic_learning_rate={self.critic_learning_rate} must be positive.")
+        if not (math.isfinite(self.critic_learning_rate) and self.critic_learning_rate > 0):
+            raise ValueError(f"critic_learning_rate={self.critic_learning_rate} must be a positive number.")
         if self.critic_warmup_steps < 0:
             raise ValueError(f"critic_warmup_steps={self.critic_warmup_steps} must be 0 or more.")
+        if self.critic_layers is not None and self.critic_layers < 0:
+            raise ValueError(f"critic_layers={self.critic_layers} must be None (a quarter), 0 (all) or positive.")
         if self.critic_epochs < 1:
             raise ValueError(f"critic_epochs={self.critic_epochs} must be at least 1.")
+        if not (math.isfinite(self.critic_max_grad_norm) and self.critic_max_grad_norm >= 0):
+            raise ValueError(f"critic_max_grad_norm={self.critic_max_grad_norm} must be 0 (no clipping) or more.")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma={self.gamma} must lie in (0, 1]; 1.0 is the undiscounted return.")
-        if self.num_iterations != 1:
-            raise ValueError(
-                f"num_iterations={self.num_iterations}: REINFORCE is on-policy, each batch of rollouts is used for "
-                "exactly one policy update. Set `num_iterations=1`."
-            )
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam={self.lam} must lie in [0, 1]; 1.0 is the Monte-Carlo advantage.")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations={self.num_iterations} must be at least 1.")
         try:
             super().__post_init__()
         except ValueError as error:
-            # RLOO's last check asks for groups of at least two completions; a critic or no baseline needs no groups.
-            groupless = self.num_generations == 1 and self.baseline in ("critic", "none")
+            # RLOO's last check asks for groups of at least two completions; the other baselines need no groups.
+            groupless = self.num_generations == 1 and self.baseline != "rloo"
             if not (groupless and "2 generations" in str(error)):
                 raise
         # RLOO's flag and ours mean the same thing here; honour either.

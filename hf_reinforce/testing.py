@@ -129,3 +129,121 @@ def make_preference_dataset(
             row["chosen_prob"] = 1.0 / (1.0 + math.exp(-abs(gold_gap) / temperature))
         rows.append(row)
     return datasets.Dataset.from_list(rows)
+
+
+class EnumerableToy:
+    """A policy small enough to enumerate: vocabulary {a, b, c, EOS}, horizon 3, the fixed random policy of a tiny
+    Llama and the reward R = #a − ½·#c.
+
+    The exact value of every state follows from the seed's recursion V(s_t) = Σ_a P(a|s_t)·V(s_{t+1}) with
+    V(terminal) = R, so a critic can be checked against it, and per-sample policy gradients can be computed for any
+    baseline to compare their means (bias) and variances.
+    """
+
+    horizon = 3
+    prompt = "ab"
+
+    def __init__(self, seed: int = 0):
+        self.tokenizer = build_tiny_tokenizer(characters="abc")
+        self.policy = build_tiny_causal_lm(self.tokenizer, seed=seed)
+        with torch.no_grad():
+            self.policy.lm_head.weight.mul_(3)  # a policy far enough from uniform that states differ in value
+        tok = self.tokenizer
+        self.suppressed = [tok.pad_token_id, tok.bos_token_id, tok.unk_token_id]  # actions are a, b, c and EOS
+        self.prompt_ids = tok(self.prompt)["input_ids"]
+
+    @staticmethod
+    def reward(completions, **kwargs) -> list[float]:
+        return [text.count("a") - 0.5 * text.count("c") for text in completions]
+
+    def reward_of(self, completion: tuple[int, ...]) -> float:
+        return self.reward([self.tokenizer.decode(list(completion), skip_special_tokens=True)])[0]
+
+    def _logits(self, completions: list[tuple[int, ...]]) -> torch.Tensor:
+        """π's logits at every state of each completion, unavailable actions masked: (num, horizon, vocab)."""
+        padding = self.tokenizer.pad_token_id  # after the end: causal attention keeps it out of the earlier logits
+        ids = [self.prompt_ids + list(c) + [padding] * (self.horizon - len(c)) for c in completions]
+        positions = slice(len(self.prompt_ids) - 1, len(self.prompt_ids) - 1 + self.horizon)
+        logits = self.policy(torch.tensor(ids)).logits[:, positions]
+        return logits.index_fill(-1, torch.tensor(self.suppressed), -torch.inf)
+
+    def next_token_probs(self, completion: tuple[int, ...]) -> torch.Tensor:
+        with torch.no_grad():
+            return self._logits([completion])[0, len(completion)].softmax(-1)
+
+    def is_terminal(self, completion: tuple[int, ...]) -> bool:
+        return len(completion) == self.horizon or (bool(completion) and completion[-1] == self.tokenizer.eos_token_id)
+
+    def exact_values(self) -> dict[tuple[int, ...], float]:
+        """V(s) for every non-terminal state s (a completion prefix), by the seed's recursion."""
+        values = {}
+
+        def value(completion):
+            total = 0.0
+            for action, prob in enumerate(self.next_token_probs(completion).tolist()):
+                if prob > 0.0:
+                    successor = completion + (action,)
+                    total += prob * (self.reward_of(successor) if self.is_terminal(successor) else value(successor))
+            values[completion] = total
+            return total
+
+        value(())
+        return values
+
+    def sample(self, num_samples: int, seed: int = 0) -> list[tuple[int, ...]]:
+        """Completions drawn from π (ending at EOS or at the horizon)."""
+        generator = torch.Generator().manual_seed(seed)
+        completions = []
+        for _ in range(num_samples):
+            completion = ()
+            while not self.is_terminal(completion):
+                action = torch.multinomial(self.next_token_probs(completion), 1, generator=generator).item()
+                completion += (action,)
+            completions.append(completion)
+        return completions
+
+    def score_vectors(self, completions: list[tuple[int, ...]]) -> torch.Tensor:
+        """∇ log π(a_t|s_t) w.r.t. the policy's output layer, per sample and token: (num, horizon, params), 0 after
+        the end. A baseline's per-sample gradient is then Σ_t A_t · score_t."""
+        weight = self.policy.lm_head.weight
+        logprobs = self._logits(completions).log_softmax(-1)  # (num, horizon, vocab)
+        scores = torch.zeros(len(completions), self.horizon, weight.numel())
+        for i, completion in enumerate(completions):
+            for t, action in enumerate(completion):
+                (gradient,) = torch.autograd.grad(logprobs[i, t, action], weight, retain_graph=True)
+                scores[i, t] = gradient.flatten()
+        return scores
+
+    def token_tensors(self, completions: list[tuple[int, ...]], values: dict[tuple[int, ...], float] | None = None):
+        """(returns G_t, mask, values V(s_t)) of the completions as (num, horizon) tensors; values from a state->V map
+        (zeros without one)."""
+        returns, mask, state_values = (torch.zeros(len(completions), self.horizon) for _ in range(3))
+        for i, completion in enumerate(completions):
+            mask[i, : len(completion)] = 1.0
+            returns[i, : len(completion)] = self.reward_of(completion)
+            if values is not None:
+                state_values[i, : len(completion)] = torch.tensor(
+                    [values[completion[:t]] for t in range(len(completion))]
+                )
+        return returns, mask, state_values
+
+    def critic_values(self, value_model) -> dict[tuple[int, ...], float]:
+        """A critic's V for every non-terminal state: its output at the state's last token."""
+        states = list(self.exact_values())
+        with torch.no_grad():
+            values = [value_model(torch.tensor([self.prompt_ids + list(state)]))[0, -1].item() for state in states]
+        return dict(zip(states, values))
+
+
+def per_sample_gradients(scores: torch.Tensor, advantages: torch.Tensor) -> torch.Tensor:
+    """Σ_t A_t · ∇log π(a_t|s_t) per sample, from `EnumerableToy.score_vectors` (num, horizon, params) and the
+    advantages (num, horizon): the seed's loss gradient, sample by sample (num, params), sign aside."""
+    return torch.einsum("nt,ntp->np", advantages, scores)
+
+
+def bias_statistic(gradients: torch.Tensor, reference: torch.Tensor, group_size: int = 1) -> float:
+    """How far the mean gradients of two estimators on the same samples differ, in units of Monte-Carlo error:
+    ‖mean of the differences‖² over its expected size when both have the same mean, tr Cov / n; about 1 without
+    bias. Differences are summed per group first, since a leave-one-out baseline ties a group's samples together."""
+    differences = (gradients - reference).view(-1, group_size, gradients.size(1)).sum(dim=1)  # independent groups
+    return (differences.mean(0).square().sum() / (differences.var(0).sum() / len(differences))).item()

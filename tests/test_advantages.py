@@ -4,12 +4,20 @@ import pytest
 import torch
 
 from hf_reinforce.advantages import (
+    carry_forward,
+    critic_baseline,
+    critic_weight_sums,
     discounted_returns,
     explained_variance,
+    gae_advantages,
+    leave_one_out_mean,
     masked_mean,
     masked_var,
+    recentred_explained_variance,
+    reward_to_go,
     sequence_baseline,
     token_advantages,
+    token_rewards,
     whiten,
 )
 
@@ -97,3 +105,113 @@ def test_explained_variance():
     expected = 1 - 1.0 / returns_var
     torch.testing.assert_close(explained_variance(returns - residual, returns, MASK), torch.tensor(expected))
     assert explained_variance(constant, torch.ones_like(returns), MASK).isnan()  # returns that never vary
+
+
+def test_token_rewards_pay_the_kl_where_it_is_incurred_and_the_reward_at_the_end():
+    kl = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.5, -0.1, 0.0, 0.2], [1.0, 1.0, 1.0, 1.0]])
+    beta = 0.5
+    expected = torch.tensor([[-0.05, 2.0 - 0.1, 0.0, 0.0], [-0.25, 0.05, 0.0, -1.0 - 0.1], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(token_rewards(REWARDS, kl, MASK, beta), expected)
+
+
+def test_reward_to_go_sums_the_rewards_still_to_come():
+    rewards = torch.tensor([[1.0, 2.0, 9.0, 9.0], [1.0, 0.0, -1.0, 3.0], [5.0, 5.0, 5.0, 5.0]])
+    expected = torch.tensor([[3.0, 2.0, 0.0, 0.0], [3.0, 2.0, 2.0, 3.0], [0.0, 0.0, 0.0, 0.0]])
+    torch.testing.assert_close(reward_to_go(rewards * MASK, MASK), expected)
+    # with γ = 0.5 on the second row: G_3 = 3, G_2 = −1 + 1.5, G_1 = 0 + 0.25, G_0 = 1 + 0.125
+    torch.testing.assert_close(reward_to_go(rewards * MASK, MASK, 0.5)[1], torch.tensor([1.125, 0.25, 0.5, 3.0]))
+    # a reward paid at the end only gives back `discounted_returns`
+    terminal = token_rewards(REWARDS, torch.zeros_like(MASK), MASK, beta=0.0)
+    torch.testing.assert_close(reward_to_go(terminal, MASK, 0.5), discounted_returns(REWARDS, MASK, 0.5))
+
+
+def test_gae_with_lambda_one_is_the_monte_carlo_advantage():
+    kl = torch.rand(3, 4)
+    rewards = token_rewards(REWARDS, kl, MASK, beta=0.3)
+    values = torch.randn(3, 4)
+    expected = token_advantages(reward_to_go(rewards, MASK), values, MASK)
+    torch.testing.assert_close(gae_advantages(rewards, values, MASK, gamma=1.0, lam=1.0), expected)
+
+
+def test_gae_with_lambda_below_one_matches_the_hand_computed_sum():
+    rewards = torch.tensor([[0.0, 1.0, 0.0, 2.0]])
+    values = torch.tensor([[0.5, 1.0, 1.5, 1.0]])
+    mask = torch.ones(1, 4)
+    gamma, lam = 0.9, 0.5
+    # δ_t = r_t + γ·V_{t+1} − V_t with V after the end = 0
+    deltas = [0.0 + 0.9 * 1.0 - 0.5, 1.0 + 0.9 * 1.5 - 1.0, 0.0 + 0.9 * 1.0 - 1.5, 2.0 - 1.0]
+    gl = gamma * lam
+    expected = [
+        deltas[0] + gl * deltas[1] + gl**2 * deltas[2] + gl**3 * deltas[3],
+        deltas[1] + gl * deltas[2] + gl**2 * deltas[3],
+        deltas[2] + gl * deltas[3],
+        deltas[3],
+    ]
+    torch.testing.assert_close(gae_advantages(rewards, values, mask, gamma, lam), torch.tensor([expected]))
+
+
+def test_gae_stops_at_the_end_of_each_completion():
+    rewards = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25, 7.0, 7.0]])  # values after the end must not leak in
+    mask = torch.tensor([[1.0, 1.0, 0.0, 0.0]])
+    advantages = gae_advantages(rewards, values, mask, gamma=1.0, lam=0.5)
+    # δ_1 = 1 − 0.25, δ_0 = 1 + 0.25 − 0.5; A_1 = δ_1, A_0 = δ_0 + 0.5·δ_1
+    torch.testing.assert_close(advantages, torch.tensor([[0.75 + 0.5 * 0.75, 0.75, 0.0, 0.0]]))
+
+
+def test_leave_one_out_mean_over_groups_of_rows():
+    # two groups of three rows, two columns each; a NaN member is left out of the others' means
+    values = torch.tensor([[1.0, 10.0], [2.0, 20.0], [6.0, math.nan], [0.0, 1.0], [3.0, 2.0], [6.0, 3.0]])
+    expected = torch.tensor([[4.0, 20.0], [3.5, 10.0], [1.5, math.nan], [4.5, 2.5], [3.0, 2.0], [1.5, 1.5]])
+    torch.testing.assert_close(leave_one_out_mean(values, 3), expected, equal_nan=True)
+    assert leave_one_out_mean(values, 1).isnan().all()  # nobody else to average
+
+
+def test_carry_forward_repeats_the_last_token_over_the_padding():
+    values = torch.tensor([[1.0, 2.0, 8.0, 9.0], [1.0, 2.0, 3.0, 4.0], [7.0, 7.0, 7.0, 7.0]])
+    carried = carry_forward(values, MASK)
+    torch.testing.assert_close(carried[:2], torch.tensor([[1.0, 2.0, 2.0, 2.0], [1.0, 2.0, 3.0, 4.0]]))
+    assert carried[2].isnan().all()  # a masked-out completion has nothing to stand in with
+
+
+def test_a_constant_critic_gives_exactly_the_rloo_advantages():
+    torch.manual_seed(0)
+    mask = torch.ones(8, 5)
+    mask[2, 3:] = 0  # completions of different lengths
+    mask[5, 1:] = 0
+    rewards = torch.randn(8)
+    returns = discounted_returns(rewards, mask)
+    constant = torch.full((8, 5), 3.7)
+    for weight in (0.0, 1.0, 1.6):
+        baselines = critic_baseline(constant, returns, mask, group_size=4, weight=weight)
+        rloo = token_advantages(returns, sequence_baseline(rewards, "rloo", 4), mask)
+        torch.testing.assert_close(token_advantages(returns, baselines, mask), rloo)
+
+
+def test_critic_baseline_by_hand():
+    # one group of two completions, two tokens each: b_t^i = w·V_t^i + (G_t^j − w·V_t^j)
+    values = torch.tensor([[1.0, 2.0], [3.0, 5.0]])
+    returns = torch.tensor([[4.0, 4.0], [6.0, 6.0]])
+    mask = torch.ones(2, 2)
+    expected = torch.tensor(
+        [[0.5 * 1 + (6 - 0.5 * 3), 0.5 * 2 + (6 - 0.5 * 5)], [0.5 * 3 + (4 - 0.5), 0.5 * 5 + (4 - 1)]]
+    )
+    torch.testing.assert_close(critic_baseline(values, returns, mask, group_size=2, weight=0.5), expected)
+    # without groups the others are the rest of the batch: the same here, with a group of the whole batch
+    torch.testing.assert_close(
+        critic_baseline(values, returns, mask, group_size=2, weight=1.0)[0, 0], torch.tensor(4.0)
+    )
+
+
+def test_critic_weight_sums_give_slope_one_for_exact_values_and_zero_for_noise():
+    torch.manual_seed(0)
+    mask = torch.ones(64, 6)
+    past = torch.randn(64, 6).cumsum(dim=1)  # what the tokens so far have earned
+    future = torch.randn(64, 6)  # what is still to come, unpredictable
+    returns = past + future
+    xy, xx, _ = critic_weight_sums(past, returns, mask, group_size=4)
+    assert (xy / xx).item() == pytest.approx(1.0, abs=0.1)
+    xy, xx, _ = critic_weight_sums(torch.randn(64, 6), returns, mask, group_size=4)
+    assert abs((xy / xx).item()) < 0.15
+    assert recentred_explained_variance(torch.full((64, 6), 2.0), returns, mask, 4) == pytest.approx(0.0)
+    assert recentred_explained_variance(past, returns, mask, 4) > 0.5

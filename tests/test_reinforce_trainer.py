@@ -28,7 +28,6 @@ def config(tmp_path, **overrides) -> ReinforceConfig:
         "max_completion_length": 6,
         "max_steps": 3,
         "learning_rate": 1e-3,
-        "critic_learning_rate": 1e-3,
         "beta": 0.0,
         "bf16": False,
         "report_to": "none",
@@ -102,6 +101,8 @@ def test_logged_metrics_and_tensorboard(tmp_path, tiny_paths):
         "advantages/std",
         "critic/value_loss",
         "critic/explained_variance",
+        "critic/recentred_explained_variance",
+        "critic/weight",
         "objective/rlhf_reward",
     ):
         assert key in entry, key
@@ -159,15 +160,78 @@ def test_qlora_separate_critic_is_its_own_quantised_lora_model(tmp_path, tiny_pa
     assert changed(before, critic_backbone.named_parameters())
 
 
-def test_critic_warmup_moves_the_critic_only(tmp_path, tiny_paths):
-    args = config(tmp_path, critic_warmup_steps=3, max_steps=3, critic_shares_base=True)
+def test_critic_warmup_keeps_the_policy_learning_with_the_fallback_baseline(tmp_path, tiny_paths):
+    args = config(tmp_path, critic_warmup_steps=3, max_steps=5, critic_shares_base=True)
     trainer = ReinforceTrainer(
         model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, **qlora_kwargs()
     )
     before = snapshot(trainer.model.named_parameters())
     trainer.train()
     moved = changed(before, trainer.model.named_parameters())
-    assert moved and all(".critic." in name for name in moved)
+    assert any(".default." in name for name in moved), "the policy waited for the critic"
+    assert any(".critic." in name for name in moved)
+    assert logged(trainer, "critic/weight")[:3] == [0.0, 0.0, 0.0]  # the critic-free fallback during warm-up
+
+
+def test_critic_regresses_the_kl_penalty_still_to_come(tmp_path, tiny_paths):
+    """With beta > 0 the return of token t is R − β·Σ_{k≥t} KL_k, which the critic regresses."""
+    args = config(tmp_path, beta=0.5, max_steps=2, learning_rate=1e-2)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    seen = {}
+    per_token_kl, fit = trainer._per_token_kl, trainer.critic.fit
+
+    def record_kl(*inputs):
+        seen["kl"] = per_token_kl(*inputs)
+        return seen["kl"]
+
+    def record_returns(input_ids, attention_mask, returns, mask):
+        seen.update(ids=input_ids, returns=returns, mask=mask)
+        return fit(input_ids, attention_mask, returns, mask)
+
+    trainer._per_token_kl, trainer.critic.fit = record_kl, record_returns
+    trainer.train()
+    kl, returns, mask = seen["kl"], seen["returns"], seen["mask"]
+    completions = trainer.processing_class.batch_decode(seen["ids"][:, -mask.size(1) :], skip_special_tokens=True)
+    rewards = torch.tensor(count_a(completions))
+    kl_to_come = (kl * mask).flip(1).cumsum(1).flip(1)
+    torch.testing.assert_close(returns, (rewards.unsqueeze(1) - 0.5 * kl_to_come) * mask)
+    assert kl.abs().sum() > 0
+
+
+@pytest.mark.parametrize("baseline", ["critic", "rloo"])
+def test_rollouts_are_reused_with_the_clipped_surrogate(tmp_path, abc_tokenizer, baseline):
+    args = config(tmp_path, baseline=baseline, num_iterations=2, max_steps=4)
+    policy = build_tiny_causal_lm(abc_tokenizer, seed=1)
+    before = snapshot(policy.named_parameters())
+    trainer = ReinforceTrainer(
+        model=policy, reward_funcs=count_a, args=args, train_dataset=PROMPTS, processing_class=abc_tokenizer
+    )
+    trainer.train()
+    assert changed(before, policy.named_parameters())
+    assert len(logged(trainer, "reward")) == 2  # two batches of rollouts, each used for two optimizer steps
+    assert len(logged(trainer, "loss")) == 4 and all(math.isfinite(loss) for loss in logged(trainer, "loss"))
+
+
+def test_rloo_evaluates_with_one_completion_per_prompt(tmp_path, tiny_paths):
+    args = config(tmp_path, baseline="rloo", eval_strategy="steps", eval_steps=2, num_generations_eval=1, max_steps=2)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, eval_dataset=PROMPTS
+    )
+    trainer.train()
+    assert logged(trainer, "eval_loss") == [0.0]  # RLOO's zero advantages: nothing to compare a completion with
+
+
+def test_batch_mean_baseline_needs_no_groups(tmp_path, abc_tokenizer):
+    args = config(tmp_path, baseline="mean", num_generations=1, max_steps=2)
+    trainer = ReinforceTrainer(
+        model=build_tiny_causal_lm(abc_tokenizer, seed=1),
+        reward_funcs=count_a,
+        args=args,
+        train_dataset=PROMPTS,
+        processing_class=abc_tokenizer,
+    )
+    trainer.train()
+    assert logged(trainer, "advantages/std")[0] > 0
 
 
 @pytest.mark.parametrize("shares_base", [True, False])
@@ -193,7 +257,9 @@ def test_value_model_from_reward_model_starts_from_its_score_head(tmp_path, tiny
     reward_model = AutoModelForSequenceClassification.from_pretrained(tiny_paths["reward_model"], num_labels=1)
     args = config(tmp_path, max_steps=1)
     trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=reward_model, args=args, train_dataset=PROMPTS)
-    torch.testing.assert_close(trainer.value_model.value_head.weight, reward_model.score.weight)
+    hidden_size = reward_model.config.hidden_size
+    torch.testing.assert_close(trainer.value_model.value_head.weight[:, :hidden_size], reward_model.score.weight)
+    assert trainer.value_model.value_head.weight[:, hidden_size:].abs().sum() == 0  # the accumulated read-out
     trainer.train()
 
 
@@ -264,11 +330,18 @@ def test_bad_configuration_is_named(tmp_path, tiny_paths):
     with pytest.raises(ValueError, match="baseline='rloo' needs at least two completions.*num_generations"):
         config(tmp_path, baseline="rloo", num_generations=1)
     with pytest.raises(ValueError, match="num_iterations"):
-        config(tmp_path, num_iterations=2)
+        config(tmp_path, num_iterations=0)
     with pytest.raises(ValueError, match="gamma"):
         config(tmp_path, gamma=0.0)
-    assert config(tmp_path, baseline="critic", num_generations=1).num_generations == 1
-    assert config(tmp_path, baseline="none", num_generations=1).num_generations == 1
+    with pytest.raises(ValueError, match="lam=1.5"):
+        config(tmp_path, lam=1.5)
+    with pytest.raises(ValueError, match="critic_learning_rate=nan"):
+        config(tmp_path, critic_learning_rate=math.nan)
+    with pytest.raises(ValueError, match="critic_layers=-1"):
+        config(tmp_path, critic_layers=-1)
+    for baseline in ("critic", "mean", "none"):
+        assert config(tmp_path, baseline=baseline, num_generations=1).num_generations == 1
+    assert config(tmp_path, num_iterations=2).num_iterations == 2
 
 
 def test_bad_value_models_are_named(tmp_path, tiny_paths):

@@ -1,0 +1,385 @@
+"""Learning speed of the baselines at equal samples, against trl.RLOOTrainer, on three tasks and several seeds.
+
+    python benchmarks/baselines.py                      # the quick run (default): about 15 minutes on 2 CPU cores
+    python benchmarks/baselines.py --full               # more steps and held-out prompts
+    python benchmarks/baselines.py --seeds 0 1 2        # the seeds used to choose the defaults
+
+Every arm fine-tunes the same pretrained tiny language model (the demo's: a 2-layer, 64-wide Llama trained on
+synthetic sentences) with the same prompts, learning rate and number of sampled completions per step, and is scored
+every few steps by the gold reward of its completions on held-out prompts. Arms: `none`, `mean`, `rloo` (4
+completions per prompt), `critic-4`, `critic-1` (`baseline="critic"` with 4 or 1 completions per prompt, default
+critic settings) and `trl-rloo` (`trl.RLOOTrainer`, 4 completions per prompt). Tasks:
+
+- `count`: the demo's task. Completions of up to 24 characters; the gold reward is the number of letters `a`.
+- `prompt_level`: prompts differ strongly in attainable reward: the count of `a` in the completion plus 3 times that
+  of the prompt (centred so that the prompts' levels average 0); the policy controls only the first part.
+- `token_credit`: a reward paid token by token over long completions: each of exactly 32 characters earns +1 if it
+  is `a` and −1 if it is `e`, so the credit of a token is its own payment, not the whole sequence's.
+
+Reported per task and arm: the held-out gold reward against samples (mean and seed spread), samples to the target
+(80 % of the best arm's final held-out reward, on the seed-mean curve and per seed), and the critic's explained
+variance. The enumerable-toy part gives the per-sample variance of the policy gradient for each baseline against
+the exact-value limit. Results go to `--output_dir` (one JSON per run, resumable) and a table and PNG at the end.
+"""
+
+import argparse
+import json
+import math
+import multiprocessing
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+
+RESULTS_DIR = "outputs/benchmarks/baselines"
+ARMS = ("none", "mean", "rloo", "critic-4", "critic-1", "trl-rloo")
+TASKS = ("count", "prompt_level", "token_credit")
+COMPLETIONS_PER_STEP = 32
+PROMPT_LEVEL_WEIGHT = 3.0
+
+
+@dataclass
+class Settings:
+    steps: int
+    eval_every: int
+    eval_prompts: int
+    samples_per_eval_prompt: int
+    learning_rate: float = 5e-5
+    beta: float = 0.0
+
+
+QUICK = Settings(steps=60, eval_every=2, eval_prompts=32, samples_per_eval_prompt=2)
+FULL = Settings(steps=120, eval_every=5, eval_prompts=64, samples_per_eval_prompt=2)
+
+
+# ---- tasks (module-level functions: the worker processes import them) ----
+def count_a(completions, **kwargs) -> list[float]:
+    return [float(text.count("a")) for text in completions]
+
+
+def prompt_level(prompt: str, mean_level: float) -> float:
+    return PROMPT_LEVEL_WEIGHT * (prompt.count("a") - mean_level)
+
+
+def token_payments(completions, **kwargs) -> list[float]:
+    return [float(text.count("a") - text.count("e")) for text in completions]
+
+
+def make_prompt_level_reward(mean_level: float):
+    def prompt_level_reward(prompts, completions, **kwargs) -> list[float]:
+        return [c.count("a") + prompt_level(p, mean_level) for p, c in zip(prompts, completions)]
+
+    return prompt_level_reward
+
+
+def task_spec(task: str, train_prompts: list[str]) -> dict:
+    """Reward function and generation settings of a task."""
+    if task == "count":
+        return {"reward": count_a, "max_completion_length": 24, "generation_kwargs": {}}
+    if task == "prompt_level":
+        mean_level = statistics.mean(prompt.count("a") for prompt in train_prompts)
+        return {
+            "reward": make_prompt_level_reward(mean_level),
+            "max_completion_length": 24,
+            "generation_kwargs": {},
+        }
+    if task == "token_credit":
+        return {"reward": token_payments, "max_completion_length": 32, "generation_kwargs": {"min_new_tokens": 32}}
+    raise ValueError(f"unknown task {task!r}")
+
+
+# ---- one run ----
+def run_arm(job: dict) -> dict:
+    """Train one arm on one task with one seed; return its held-out curve and logged metrics."""
+    import torch
+
+    torch.set_num_threads(1)
+    import transformers
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PrinterCallback, TrainerCallback
+    from trl import RLOOConfig, RLOOTrainer
+
+    from hf_reinforce import ReinforceConfig, ReinforceTrainer
+
+    transformers.logging.set_verbosity_error()
+    settings = Settings(**job["settings"])
+    tokenizer = AutoTokenizer.from_pretrained(job["base_model"])
+    spec = task_spec(job["task"], job["train_prompts"])
+    eval_prompts = job["eval_prompts"]
+
+    @torch.no_grad()
+    def held_out_reward(model) -> float:
+        rng_state = torch.get_rng_state()
+        torch.manual_seed(12345)  # the same draws at every evaluation and for every arm
+        was_training = model.training
+        model.eval()
+        prompts = [p for p in eval_prompts for _ in range(settings.samples_per_eval_prompt)]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        output = model.generate(
+            **inputs,
+            do_sample=True,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=spec["max_completion_length"],
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **spec["generation_kwargs"],
+        )
+        completions = tokenizer.batch_decode(output[:, inputs["input_ids"].size(1) :], skip_special_tokens=True)
+        rewards = spec["reward"](prompts=prompts, completions=completions)
+        model.train(was_training)
+        torch.set_rng_state(rng_state)
+        return sum(rewards) / len(rewards)
+
+    curve = []
+
+    class HeldOut(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step % settings.eval_every == 0:
+                curve.append((state.global_step * COMPLETIONS_PER_STEP, held_out_reward(model)))
+
+    arm = job["arm"]
+    num_generations = 1 if arm == "critic-1" else 4
+    common = {
+        "output_dir": job["output_dir"],
+        "per_device_train_batch_size": COMPLETIONS_PER_STEP,
+        "num_generations": num_generations,
+        "max_completion_length": spec["max_completion_length"],
+        "generation_kwargs": spec["generation_kwargs"] or None,
+        "temperature": 1.0,
+        "max_steps": settings.steps,
+        "learning_rate": settings.learning_rate,
+        "lr_scheduler_type": "constant",
+        "beta": settings.beta,
+        "seed": job["seed"],
+        "bf16": False,
+        "use_cpu": True,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "activation_checkpointing": False,
+    }
+    policy = AutoModelForCausalLM.from_pretrained(job["base_model"])
+    if arm == "trl-rloo":
+        trainer_cls, args = RLOOTrainer, RLOOConfig(**common)
+    else:
+        baseline = arm.split("-")[0]
+        trainer_cls, args = ReinforceTrainer, ReinforceConfig(baseline=baseline, **common, **job["critic_settings"])
+    dataset = Dataset.from_dict({"prompt": job["train_prompts"]})
+    trainer = trainer_cls(
+        model=policy, reward_funcs=spec["reward"], args=args, train_dataset=dataset, processing_class=tokenizer
+    )
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(HeldOut())
+    curve.append((0, held_out_reward(trainer.model)))
+    started = time.perf_counter()
+    trainer.train()
+    history = trainer.state.log_history
+    return {
+        **{key: job[key] for key in ("task", "arm", "seed")},
+        "curve": curve,
+        "explained_variance": [e.get("critic/explained_variance") for e in history if "loss" in e],
+        "critic_weight": [e.get("critic/weight") for e in history if "loss" in e],
+        "train_reward": [e.get("reward") for e in history if "loss" in e],
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def run_and_save(job: dict) -> dict:
+    path = Path(job["result_path"])
+    if path.exists():
+        return json.loads(path.read_text())
+    with tempfile.TemporaryDirectory() as output_dir:
+        result = run_arm({**job, "output_dir": output_dir})
+    path.write_text(json.dumps(result) + "\n")
+    print(
+        f"{job['task']:>13} {job['arm']:>9} seed {job['seed']}: {result['curve'][-1][1]:.2f} ({result['seconds']:.0f} s)",
+        flush=True,
+    )
+    return result
+
+
+# ---- the base model and prompts ----
+def prepare_base_model(directory: Path) -> tuple[list[str], list[str]]:
+    import torch
+
+    torch.set_num_threads(1)
+    from hf_reinforce.scripts.demo import pretrain_language_model, split_prompts
+    from hf_reinforce.testing import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    if not (directory / "config.json").exists():
+        model, _ = pretrain_language_model(tokenizer, num_steps=300, seed=0)
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+    return split_prompts(256, seed=0)
+
+
+# ---- aggregation ----
+def samples_to_target(curve: list[tuple[int, float]], target: float) -> float:
+    for samples, reward in curve:
+        if reward >= target:
+            return samples
+    return math.inf
+
+
+def mean_curve(results: list[dict]) -> tuple[list[int], list[float], list[float]]:
+    points = [dict(r["curve"]) for r in results]
+    samples = sorted(set.intersection(*(set(p) for p in points)))
+    means = [statistics.mean(p[s] for p in points) for s in samples]
+    spreads = [statistics.stdev(p[s] for p in points) if len(points) > 1 else 0.0 for s in samples]
+    return samples, means, spreads
+
+
+def final_reward(curve_means: list[float], points: int = 3) -> float:
+    return statistics.mean(curve_means[-points:])
+
+
+def summarize(results: list[dict]) -> dict:
+    summary = {}
+    for task in TASKS:
+        by_arm = {arm: [r for r in results if r["task"] == task and r["arm"] == arm] for arm in ARMS}
+        by_arm = {arm: runs for arm, runs in by_arm.items() if runs}
+        if not by_arm:
+            continue
+        curves = {arm: mean_curve(runs) for arm, runs in by_arm.items()}
+        target = 0.8 * max(final_reward(means) for _, means, _ in curves.values())
+        task_summary = {"target": target, "arms": {}}
+        for arm, runs in by_arm.items():
+            samples, means, spreads = curves[arm]
+            per_seed = [samples_to_target(r["curve"], target) for r in runs]
+            reach = samples_to_target(list(zip(samples, means)), target)
+            task_summary["arms"][arm] = {
+                "samples_to_target": reach,
+                "samples_to_target_per_seed": per_seed,
+                "final": final_reward(means),
+                "final_spread": statistics.mean(spreads[-3:]),
+                "curve": {"samples": samples, "mean": means, "spread": spreads},
+                "seeds": [r["seed"] for r in runs],
+            }
+            evs = [[v for v in r["explained_variance"] if v is not None] for r in runs]
+            if any(evs):
+                task_summary["arms"][arm]["explained_variance"] = evs
+        rloo = task_summary["arms"].get("rloo", {}).get("samples_to_target")
+        for arm_summary in task_summary["arms"].values():
+            ratio = arm_summary["samples_to_target"] / rloo if rloo and math.isfinite(rloo) else math.nan
+            arm_summary["vs_rloo"] = ratio
+        summary[task] = task_summary
+    return summary
+
+
+def learning_phase_ev(task_summary: dict, arm: str) -> float:
+    """Mean explained variance of an arm over the learning phase: steps before the best arm reaches the target."""
+    best_reach = min(a["samples_to_target"] for a in task_summary["arms"].values())
+    steps = int(best_reach // COMPLETIONS_PER_STEP) if math.isfinite(best_reach) else None
+    evs = task_summary["arms"][arm].get("explained_variance") or []
+    per_seed = [statistics.mean(ev[:steps] if steps else ev) for ev in evs if ev]
+    return statistics.mean(per_seed) if per_seed else math.nan
+
+
+def format_samples(value: float) -> str:
+    return "never" if not math.isfinite(value) else f"{value:.0f}"
+
+
+def print_tables(summary: dict) -> None:
+    for task, task_summary in summary.items():
+        print(f"\n### {task} (target {task_summary['target']:.2f})\n")
+        print(
+            "| arm | samples to target | vs rloo | per seed | final held-out reward ± seed spread | EV (learning phase) |"
+        )
+        print("|---|---|---|---|---|---|")
+        for arm, a in task_summary["arms"].items():
+            per_seed = ", ".join(format_samples(v) for v in a["samples_to_target_per_seed"])
+            ev = learning_phase_ev(task_summary, arm) if "explained_variance" in a else math.nan
+            print(
+                f"| {arm} | {format_samples(a['samples_to_target'])} | {a['vs_rloo']:.2f} | {per_seed} | "
+                f"{a['final']:.2f} ± {a['final_spread']:.2f} | {'' if math.isnan(ev) else f'{ev:.2f}'} |"
+            )
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(summary), figsize=(6 * len(summary), 4.5), squeeze=False)
+    for axis, (task, task_summary) in zip(axes[0], summary.items()):
+        for arm, a in task_summary["arms"].items():
+            curve = a["curve"]
+            low = [m - s for m, s in zip(curve["mean"], curve["spread"])]
+            high = [m + s for m, s in zip(curve["mean"], curve["spread"])]
+            (line,) = axis.plot(curve["samples"], curve["mean"], label=arm)
+            axis.fill_between(curve["samples"], low, high, color=line.get_color(), alpha=0.12)
+        axis.axhline(task_summary["target"], color="grey", linestyle=":", linewidth=1)
+        axis.set(title=task, xlabel="sampled completions", ylabel="held-out gold reward")
+        axis.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--full", action="store_true", help="more steps and held-out prompts than the quick run")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[3, 4, 5], help="seeds 0-2 chose the defaults")
+    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs in parallel, one thread each")
+    parser.add_argument("--output_dir", default=RESULTS_DIR)
+    parser.add_argument("--critic", default="{}", help="JSON of ReinforceConfig overrides for the critic arms")
+    parser.add_argument("--learning_rate", type=float, default=None, help="the policy's (all arms)")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--eval_every", type=int, default=None)
+    parser.add_argument("--beta", type=float, default=None)
+    args = parser.parse_args()
+    settings = FULL if args.full else QUICK
+    if args.learning_rate is not None:
+        settings.learning_rate = args.learning_rate
+    if args.steps is not None:
+        settings.steps = args.steps
+    if args.beta is not None:
+        settings.beta = args.beta
+    if args.eval_every is not None:
+        settings.eval_every = args.eval_every
+    output_dir = Path(args.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    base_model = output_dir / "base_model"
+    train_prompts, eval_prompts = prepare_base_model(base_model)
+    jobs = []
+    for seed in args.seeds:
+        for task in args.tasks:
+            for arm in args.arms:
+                critic_settings = json.loads(args.critic) if arm.startswith("critic") else {}
+                jobs.append(
+                    {
+                        "task": task,
+                        "arm": arm,
+                        "seed": seed,
+                        "settings": settings.__dict__,
+                        "critic_settings": critic_settings,
+                        "base_model": str(base_model),
+                        "train_prompts": train_prompts,
+                        "eval_prompts": eval_prompts[: settings.eval_prompts],
+                        "result_path": str(output_dir / f"{task}-{arm}-{seed}.json"),
+                    }
+                )
+    started = time.perf_counter()
+    with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        results = pool.map(run_and_save, jobs, chunksize=1)
+    summary = summarize(results)
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    plot(summary, output_dir / "baselines.png")
+    print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, {args.jobs} runs in parallel, one thread each")
+    print(f"seeds {args.seeds}; {settings}; {time.perf_counter() - started:.0f} s in all")
+    print_tables(summary)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""The critic's life cycle: built once, fitted on every batch of rollouts, asked for baselines, saved and restored.
+
+The trainer hands the critic the rollouts and their returns and gets per-token baselines back; the estimators are
+the pure functions of `advantages.py`. What lives here is the state those functions need: the value model, its
+optimizer and schedule, the running statistics of the returns (the critic learns normalised returns, PopArt-style,
+so one learning rate fits rewards of any scale) and the running regression sums that weigh the critic in the
+baseline by how much of the return it has been predicting.
+"""
+
+import contextlib
+import copy
+import math
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel, get_scheduler
+
+from .advantages import critic_baseline, critic_weight_sums
+from .losses import value_loss
+from .quantization import keep_4bit_layers_differentiable
+from .value_head import ValueHeadModel
+
+
+CRITIC_ADAPTER = "critic"
+CRITIC_STATE = "critic_state.safetensors"
+CRITIC_OPTIMIZER = "critic_optimizer.pt"
+CRITIC_SCHEDULER = "critic_scheduler.pt"
+# Running statistics forget a batch's weight by this factor per batch: about the last ten batches count.
+STATISTICS_DECAY = 0.9
+# Bounds of the weights of the critic's terms in the baseline; above 1 corrects a critic that moves too little.
+MAX_CRITIC_WEIGHT = 2.0
+MIN_RETURN_STD = 1e-6
+
+
+class RunningMeans:
+    """Exponential moving averages of a few scalars, bias-corrected for their start at zero (as Adam's moments)."""
+
+    def __init__(self, names: tuple[str, ...], decay: float = STATISTICS_DECAY):
+        self.names, self.decay = names, decay
+        self.sums = torch.zeros(len(names), dtype=torch.float64)
+        self.weight = 0.0  # Σ decay^k: what the sums would hold for a constant stream of ones
+
+    def update(self, values: torch.Tensor) -> None:
+        self.sums = self.decay * self.sums + values.detach().double().cpu()
+        self.weight = self.decay * self.weight + 1.0
+
+    def __getitem__(self, name: str) -> float:
+        if self.weight == 0.0:
+            return 0.0
+        return (self.sums[self.names.index(name)] / self.weight).item()
+
+    def state(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {
+            f"{prefix}.sums": self.sums.clone(),
+            f"{prefix}.weight": torch.tensor(self.weight, dtype=torch.float64),
+        }
+
+    def load_state(self, state: dict[str, torch.Tensor], prefix: str) -> None:
+        self.sums = state[f"{prefix}.sums"].double().clone()
+        self.weight = state[f"{prefix}.weight"].item()
+
+
+def slope(sums: RunningMeans) -> float:
+    """Least-squares slope through 0 of the regression whose E[x·y], E[x²], E[y²] `sums` hold, within [0, MAX];
+    0 while the predictor has (next to) no variance, as an untrained critic's values have."""
+    xx = sums["xx"]
+    if not xx > 1e-8 * sums["yy"]:
+        return 0.0
+    return min(max(sums["xy"] / xx, 0.0), MAX_CRITIC_WEIGHT)
+
+
+class Critic:
+    """V(s_t) for the baseline, with its own optimizer, return statistics and term weights.
+
+    Args:
+        model: the [`ValueHeadModel`].
+        args: the trainer's [`ReinforceConfig`].
+        accelerator: the trainer's accelerator (several processes: the critic's gradients and statistics are
+            averaged over them).
+    """
+
+    def __init__(self, model: ValueHeadModel, args, accelerator):
+        self.model, self.args, self.accelerator = model, args, accelerator
+        keep_4bit_layers_differentiable(model)
+        self.module = model.train()
+        if accelerator.num_processes > 1:
+            device_ids = [accelerator.device] if accelerator.device.type == "cuda" else None
+            self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.optimizer = self.scheduler = None
+        self._layer_inputs = []
+        self.returns = RunningMeans(("mean", "square"))
+        self.weight_fit = RunningMeans(("xy", "xx", "yy"))  # see `advantages.critic_weight_sums`
+
+    def create_optimizer(self, num_updates: int) -> None:
+        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.args.critic_learning_rate)
+        self.scheduler = get_scheduler(
+            self.args.lr_scheduler_type, self.optimizer, num_warmup_steps=0, num_training_steps=num_updates
+        )
+
+    # ---- values ----
+    @contextlib.contextmanager
+    def reusing_reference_forward(self):
+        """Keep the hidden states the reference forward computes at the critic's first trained layer, for the next
+        `fit` or `values` call. Only for a critic on the top layers of the policy's base whose reference is that base
+        with adapters disabled."""
+        if self.model.first_trained_layer == 0:
+            yield
+            return
+        self._layer_inputs = []
+        with self.model.capture_layer_input(self._layer_inputs):
+            yield
+
+    def _take_layer_input(self, num_rows: int) -> torch.Tensor | None:
+        layer_inputs, self._layer_inputs = self._layer_inputs, []
+        layer_input = torch.cat(layer_inputs) if layer_inputs else None
+        return layer_input if layer_input is not None and len(layer_input) == num_rows else None
+
+    def _normalized_rows(self, input_ids, attention_mask, rows, completion_length, layer_input) -> torch.Tensor:
+        """(V(s_t) − mean)/std for each completion token a_t of the rows; s_t ends at position t − 1."""
+        completion_start = input_ids.size(1) - completion_length - 1  # the prompt's last position
+        rows_input = None if layer_input is None else layer_input[rows]
+        values = self.module(
+            input_ids[rows], attention_mask[rows], completion_start, normalized=True, layer_input=rows_input
+        )  # (rows, P+C)
+        return values[:, -completion_length - 1 : -1].float()  # (rows, C): column 0 is V(s_0), the prompt's value
+
+    def _row_chunks(self, num_rows: int) -> list[slice]:
+        chunk = self.args.per_device_train_batch_size
+        return [slice(start, start + chunk) for start in range(0, num_rows, chunk)]
+
+    @torch.no_grad()
+    def values(self, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
+        """V(s_t) in reward units, (batch, completion_len)."""
+        layer_input = self._take_layer_input(len(input_ids))
+        chunks = self._row_chunks(len(input_ids))
+        normalized = torch.cat(
+            [self._normalized_rows(input_ids, attention_mask, r, completion_length, layer_input) for r in chunks]
+        )
+        return self.model.denormalize(normalized)
+
+    # ---- fitting ----
+    def _update_return_statistics(self, returns: torch.Tensor, mask: torch.Tensor) -> None:
+        stats = torch.stack([(returns * mask).sum(), (returns.square() * mask).sum(), mask.sum()]).double()
+        total, square, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        if count == 0:
+            return
+        self.returns.update(torch.tensor([total / count, square / count]))
+        mean = self.returns["mean"]
+        std = math.sqrt(max(self.returns["square"] - mean**2, 0.0))
+        self.model.rescale_returns(mean, max(std, MIN_RETURN_STD * max(1.0, abs(mean))))
+
+    def fit(self, input_ids, attention_mask, returns, mask) -> tuple[torch.Tensor, float]:
+        """Regress the normalised V(s_t) on the normalised returns: `critic_epochs` optimizer steps on the batch.
+
+        Returns the values V(s_t) (reward units) the critic gave every row *before* training on this batch — the
+        first pass of the regression computes them anyway, and no row's baseline may depend on its own return — and
+        the mean value loss.
+        """
+        # input_ids, attention_mask: (B, P+C)   returns, mask: (B, C)
+        layer_input = self._take_layer_input(len(input_ids))
+        self._update_return_statistics(returns, mask)  # output-preserving: the values are still those before fitting
+        targets = (returns - self.model.return_mean) / self.model.return_std  # (B, C)
+        num_tokens = mask.sum().clamp(min=1)
+        baseline_values, losses = [], []
+        # The backward pass must see the critic's adapter too: activation checkpointing recomputes the forward there
+        with self.model.critic_adapter():
+            for epoch in range(self.args.critic_epochs):
+                # One optimizer step per epoch, its gradient accumulated over chunks, so every row's baseline values
+                # come from the critic as it was before this batch
+                for rows in self._row_chunks(len(input_ids)):
+                    normalized = self._normalized_rows(input_ids, attention_mask, rows, returns.size(1), layer_input)
+                    if epoch == 0:
+                        baseline_values.append(normalized.detach())
+                    loss = value_loss(normalized, targets[rows], mask[rows], centred=True)
+                    loss = loss * (mask[rows].sum() / num_tokens)
+                    loss.backward()
+                    losses.append(loss.detach())
+                self._step()
+        self.scheduler.step()
+        values = torch.cat(baseline_values)  # (B, C), normalised, before fitting
+        self._shift_level(targets, values, mask)
+        mean_loss = torch.stack(losses).sum().item() / self.args.critic_epochs  # one device sync per batch
+        return self.model.denormalize(values), mean_loss
+
+    @torch.no_grad()
+    def _shift_level(self, targets, values, mask) -> None:
+        """Move the head's bias by the batch's mean error, which the centred loss leaves alone: the level of V plays
+        no part in the recentred baselines, but it keeps the saved critic's values in reward units."""
+        stats = torch.stack([((targets - values) * mask).sum(), mask.sum()])
+        error_sum, count = self.accelerator.reduce(stats, reduction="sum").tolist()
+        if count > 0:
+            self.model.value_head.bias.add_(error_sum / count)
+
+    def _step(self) -> None:
+        parameters = self.optimizer.param_groups[0]["params"]
+        if self.args.critic_max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ---- baselines ----
+    def weight(self, warming_up: bool = False) -> float:
+        """w of `advantages.critic_baseline`: the least-squares slope fitted on earlier batches only (0 at first)."""
+        return 0.0 if warming_up else slope(self.weight_fit)
+
+    def baselines(self, values, returns, mask, group_size: int, warming_up: bool = False) -> torch.Tensor:
+        """Per-token baselines b_t (B, C) of the (global) batch; see `advantages.critic_baseline`."""
+        return critic_baseline(values, returns, mask, group_size, self.weight(warming_up))
+
+    def observe(self, values, returns, mask, group_size: int) -> None:
+        """Add this batch, with the values the critic had before training on it, to the regression that sets w for
+        later batches."""
+        self.weight_fit.update(critic_weight_sums(values, returns, mask, group_size))
+
+    # ---- checkpoints ----
+    def save_checkpoint(self, directory: Path) -> None:
+        state = self.model.trainable_state_dict()
+        for name, means in self._statistics():
+            state.update(means.state(f"statistics.{name}"))
+        save_file(state, directory / CRITIC_STATE)
+        torch.save(self.optimizer.state_dict(), directory / CRITIC_OPTIMIZER)
+        torch.save(self.scheduler.state_dict(), directory / CRITIC_SCHEDULER)
+
+    def _statistics(self) -> tuple[tuple[str, RunningMeans], ...]:
+        return ("returns", self.returns), ("weight_fit", self.weight_fit)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        if not (directory / CRITIC_STATE).exists():
+            raise FileNotFoundError(
+                f"{directory} holds no critic state ({CRITIC_STATE}); it was not written by a ReinforceTrainer with "
+                "baseline='critic', so the critic cannot be resumed from it."
+            )
+        device = self.accelerator.device
+        state = load_file(directory / CRITIC_STATE, device=str(device))
+        statistics = {k.removeprefix("statistics."): v.cpu() for k, v in state.items() if k.startswith("statistics.")}
+        self.model.load_trainable_state_dict({k: v for k, v in state.items() if not k.startswith("statistics.")})
+        for name, means in self._statistics():
+            means.load_state(statistics, name)
+        self.optimizer.load_state_dict(
+            torch.load(directory / CRITIC_OPTIMIZER, map_location=device, weights_only=True)
+        )
+        self.scheduler.load_state_dict(torch.load(directory / CRITIC_SCHEDULER, weights_only=True))
+
+
+# ---- construction ----
+def reward_model_of(reward_funcs, accelerator) -> PreTrainedModel | PeftModel | None:
+    """The first reward function that is a model (possibly a PEFT model), unwrapped, or None."""
+    for reward_func in reward_funcs:
+        model = accelerator.unwrap_model(reward_func) if isinstance(reward_func, torch.nn.Module) else None
+        if isinstance(model, PreTrainedModel | PeftModel):
+            return model
+    return None
+
+
+def score_head_weight(reward_model) -> torch.Tensor | None:
+    """The (1, hidden) weight of a sequence classifier's score head (a PEFT model's trained copy when it has one)."""
+    model = reward_model.get_base_model() if isinstance(reward_model, PeftModel) else reward_model
+    head = getattr(model, "score", None) or getattr(model, "classifier", None)
+    if head is None:
+        return None
+    if hasattr(head, "modules_to_save"):  # PEFT keeps the trained head as a copy per adapter
+        adapter = reward_model.active_adapter if isinstance(reward_model, PeftModel) else "default"
+        head = head.modules_to_save[adapter] if adapter in head.modules_to_save else head.original_module
+    weight = getattr(head, "weight", None)
+    if weight is None or weight.dim() != 2 or weight.size(0) != 1:
+        return None
+    return weight.detach().float().cpu()
+
+
+def shares_base_weights(model_a, model_b) -> bool:
+    """Whether two (PEFT) models sit on the same base weights: same architecture sizes and input embeddings."""
+    base_a = model_a.get_base_model() if isinstance(model_a, PeftModel) else model_a
+    base_b = model_b.get_base_model() if isinstance(model_b, PeftModel) else model_b
+    config_a, config_b = base_a.config.get_text_config(), base_b.config.get_text_config()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if getattr(config_a, key, None) != getattr(config_b, key, None):
+            return False
+    embeddings_a, embeddings_b = base_a.get_input_embeddings().weight, base_b.get_input_embeddings().weight
+    return embeddings_a.shape == embeddings_b.shape and torch.equal(embeddings_a.cpu(), embeddings_b.cpu())
+
+
+def lora_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
+    """The adapter weights of a PEFT model's active adapter, without its saved modules (the score head)."""
+    state = get_peft_model_state_dict(peft_model, adapter_name=peft_model.active_adapter)
+    return {key: value for key, value in state.items() if "lora_" in key}
+
+
+def critic_lora_config(peft_config):
+    lora_config = copy.deepcopy(peft_config)
+    lora_config.task_type = None  # the critic's backbone is a bare decoder, not a causal LM or classifier
+    lora_config.modules_to_save = None  # its head is the value head, not the reward model's score
+    return lora_config
+
+
+def copy_adapter(target: PeftModel, source: PeftModel, adapter_name: str) -> None:
+    result = set_peft_model_state_dict(target, lora_state(source), adapter_name=adapter_name)
+    if result.unexpected_keys:
+        raise ValueError(f"The reward model's adapter does not fit the critic: {result.unexpected_keys[:3]} ...")
+
+
+def build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config) -> ValueHeadModel:
+    """The critic's value model, as `ReinforceTrainer`'s `value_model` argument documents.
+
+    Whenever a reward model is given and the critic is not told otherwise, it starts from the reward model: its
+    backbone (or adapter) and its score head, so V(s_t) starts as the reward model's score of the prefix s_t.
+    """
+    critic = _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config)
+    if not isinstance(value_model, ValueHeadModel):
+        critic.accumulation_length = args.max_completion_length
+    return critic
+
+
+def _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config) -> ValueHeadModel:
+    device = accelerator.device
+    if isinstance(value_model, ValueHeadModel):
+        return value_model.to(device)
+    if isinstance(value_model, PreTrainedModel | PeftModel):
+        return _placed(ValueHeadModel(value_model), device, quantization_config)
+    if value_model is not None and not isinstance(value_model, str):
+        raise TypeError(
+            f"value_model must be a path, a transformers/PEFT model or a ValueHeadModel; got {type(value_model)}."
+        )
+    reward_model = reward_model_of(reward_funcs, accelerator) if value_model is None else None
+    if value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base:
+        if accelerator.num_processes > 1:
+            raise ValueError(
+                "critic_shares_base=True keeps policy and critic on one card; with several processes set "
+                "critic_shares_base=False so that the critic is its own data-parallel model."
+            )
+        return _critic_adapter_on_policy(policy, reward_model, args, device)
+    if isinstance(reward_model, PeftModel):
+        return _critic_from_peft_reward_model(reward_model, args, device, quantization_config)
+    source = reward_model if reward_model is not None else accelerator.unwrap_model(policy)
+    if isinstance(source, PeftModel):
+        source = source.get_base_model()
+    head_init = score_head_weight(reward_model) if reward_model is not None else None
+    if isinstance(policy, PeftModel) or isinstance(value_model, str):
+        # A quantized or adapter-trained policy: load the backbone afresh and give the critic its own LoRA
+        backbone = AutoModel.from_pretrained(
+            value_model or source.config._name_or_path, **_load_kwargs(args, device, quantization_config)
+        )
+        if isinstance(policy, PeftModel):
+            backbone = get_peft_model(backbone, critic_lora_config(policy.peft_config["default"]))
+    else:
+        backbone = copy.deepcopy(source.base_model)  # full fine-tuning: the critic starts as a copy of the decoder
+    return _placed(ValueHeadModel(backbone, head_init=head_init), device, quantization_config)
+
+
+def _load_kwargs(args, device, quantization_config) -> dict:
+    kwargs = dict(args.model_init_kwargs or {})
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs.setdefault("device_map", {"": device})  # 4-bit weights cannot move once loaded
+    return kwargs
+
+
+def _placed(critic: ValueHeadModel, device, quantization_config) -> ValueHeadModel:
+    if quantization_config is None and not getattr(critic.config, "quantization_config", None):
+        return critic.to(device)
+    return _with_head_on(critic, device)  # quantized weights stay where they were loaded
+
+
+def _with_head_on(critic: ValueHeadModel, device) -> ValueHeadModel:
+    critic.value_head.to(device)
+    critic.return_mean.data, critic.return_std.data = critic.return_mean.to(device), critic.return_std.to(device)
+    return critic
+
+
+def _critic_adapter_on_policy(policy: PeftModel, reward_model, args, device) -> ValueHeadModel:
+    """The one-card critic: a second adapter on the policy's own base.
+
+    Warm-started from a reward adapter on the same base when there is one (on the layers that adapter trains);
+    otherwise it trains the top `critic_layers` decoder layers, and the forward of the layers below is the reference
+    pass's.
+    """
+    warm_start = isinstance(reward_model, PeftModel) and shares_base_weights(policy, reward_model)
+    if warm_start:
+        lora_config = critic_lora_config(reward_model.peft_config[reward_model.active_adapter])
+    else:
+        lora_config = critic_lora_config(policy.peft_config["default"])
+        num_layers = policy.config.get_text_config().num_hidden_layers
+        num_critic_layers = args.critic_layers if args.critic_layers is not None else max(1, num_layers // 4)
+        if 0 < num_critic_layers < num_layers:
+            lora_config.layers_to_transform = list(range(num_layers - num_critic_layers, num_layers))
+    policy.add_adapter(CRITIC_ADAPTER, lora_config)
+    if warm_start:
+        copy_adapter(policy, reward_model, CRITIC_ADAPTER)
+    policy.set_adapter("default")  # keeps the critic's adapter out of the policy optimizer
+    head_init = score_head_weight(reward_model) if warm_start else None
+    critic = _with_head_on(ValueHeadModel(policy, adapter_name=CRITIC_ADAPTER, head_init=head_init), device)
+    if lora_config.layers_to_transform:
+        critic.first_trained_layer = _checked_first_trained_layer(critic, min(lora_config.layers_to_transform))
+    return critic
+
+
+@torch.no_grad()
+def _checked_first_trained_layer(critic: ValueHeadModel, layer: int) -> int:
+    """`layer` if running the decoder from that layer's input reproduces its full forward, else 0 (a model whose
+    forward treats `inputs_embeds` specially, e.g. scales them, cannot be started in the middle)."""
+    input_ids = torch.arange(8, device=critic.value_head.weight.device).unsqueeze(0) % critic.config.vocab_size
+    critic.first_trained_layer = 0
+    full = critic.features(input_ids)
+    critic.first_trained_layer = layer
+    try:
+        split = critic.features(input_ids)
+    except Exception:  # noqa: BLE001 - any failure means the model cannot be entered mid-stack
+        return 0
+    return layer if torch.allclose(full, split, rtol=1e-4, atol=1e-4) else 0
+
+
+def _critic_from_peft_reward_model(reward_model: PeftModel, args, device, quantization_config) -> ValueHeadModel:
+    """A critic of its own from a PEFT reward model: its base (quantized as the policy), a trainable copy of its
+    adapter, and its score head."""
+    base_name = reward_model.peft_config[reward_model.active_adapter].base_model_name_or_path
+    load_kwargs = {"num_labels": 1, **_load_kwargs(args, device, quantization_config)}
+    base = AutoModelForSequenceClassification.from_pretrained(base_name, **load_kwargs)
+    backbone = get_peft_model(base, critic_lora_config(reward_model.peft_config[reward_model.active_adapter]))
+    copy_adapter(backbone, reward_model, "default")
+    critic = ValueHeadModel(backbone, head_init=score_head_weight(reward_model))
+    return _placed(critic, device, quantization_config)

@@ -1,0 +1,213 @@
+"""The critic's life cycle (`hf_reinforce.critic`): scale-free fitting, the weight it earns in the baseline, and its
+warm start from a reward model (full precision or a 4-bit LoRA adapter)."""
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
+from hf_reinforce.advantages import explained_variance
+from hf_reinforce.critic import MAX_CRITIC_WEIGHT, RunningMeans, slope
+from hf_reinforce.testing import EnumerableToy, build_tiny_tokenizer, make_preference_dataset, save_tiny_models
+
+
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+LORA_KWARGS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}
+LORA = LoraConfig(**LORA_KWARGS)
+PROMPTS = Dataset.from_dict({"prompt": ["bcd:", "xyz:", "klm:", "rst:"] * 8})
+
+
+def run_args(tmp_path, **overrides) -> ReinforceConfig:
+    settings = {
+        "output_dir": str(tmp_path / "run"),
+        "per_device_train_batch_size": 16,
+        "num_generations": 4,
+        "max_completion_length": 8,
+        "max_steps": 1,
+        "beta": 0.0,
+        "bf16": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+    }
+    return ReinforceConfig(**{**settings, **overrides})
+
+
+def logged(trainer, key) -> list[float]:
+    return [entry[key] for entry in trainer.state.log_history if entry.get(key) is not None]
+
+
+def test_slope_weighs_the_critic_by_what_it_predicts():
+    sums = RunningMeans(("xy", "xx", "yy"))
+    assert slope(sums) == 0.0  # nothing seen yet: the critic-free fallback
+    x = torch.randn(1000)
+    sums.update(torch.stack([(x * x).sum(), (x * x).sum(), (x * x).sum()]))
+    assert slope(sums) == pytest.approx(1.0)  # values that are the returns
+    noise = RunningMeans(("xy", "xx", "yy"))
+    noise.update(torch.tensor([0.0, 5.0, 7.0]))  # uncorrelated with the returns
+    assert slope(noise) == 0.0
+    lagging = RunningMeans(("xy", "xx", "yy"))
+    lagging.update(torch.tensor([10.0, 1.0, 100.0]))  # values that move a tenth as much as the returns
+    assert slope(lagging) == MAX_CRITIC_WEIGHT
+    flat = RunningMeans(("xy", "xx", "yy"))
+    flat.update(torch.tensor([1e-12, 1e-12, 1.0]))  # an untrained critic's constant values
+    assert slope(flat) == 0.0
+
+
+def test_decayed_means_forget_old_batches():
+    means = RunningMeans(("a",), decay=0.5)
+    means.update(torch.tensor([4.0]))
+    assert means["a"] == pytest.approx(4.0)  # bias-corrected: the first batch is taken as it is
+    means.update(torch.tensor([1.0]))
+    assert means["a"] == pytest.approx((0.5 * 4 + 1) / 1.5)
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 1000.0])
+def test_default_learning_rate_fits_rewards_of_any_scale(tmp_path, scale):
+    """The same explained variance after the same training, whatever the unit of the reward."""
+    toy = EnumerableToy()
+
+    def scaled_reward(completions, **kwargs):
+        return [scale * r for r in toy.reward(completions)]
+
+    args = run_args(
+        tmp_path,
+        max_completion_length=toy.horizon,
+        max_steps=40,
+        learning_rate=0.0,  # the policy stays put: only the critic learns
+        generation_kwargs={"suppress_tokens": toy.suppressed},
+        seed=0,
+    )
+    trainer = ReinforceTrainer(
+        model=toy.policy,
+        reward_funcs=scaled_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [toy.prompt] * 64}),
+        processing_class=toy.tokenizer,
+    )
+    trainer.train()
+    exact, learned = toy.exact_values(), toy.critic_values(trainer.value_model)
+    exact_values = torch.tensor([[scale * exact[state] for state in exact]])
+    learned_values = torch.tensor([[learned[state] for state in exact]])
+    ev = explained_variance(learned_values, exact_values, torch.ones_like(exact_values)).item()
+    print(f"reward scale {scale}: explained variance of the exact values after 40 steps {ev:.3f}")
+    assert ev > 0.5
+    test_default_learning_rate_fits_rewards_of_any_scale.results[scale] = ev
+    if len(test_default_learning_rate_fits_rewards_of_any_scale.results) == 3:
+        results = test_default_learning_rate_fits_rewards_of_any_scale.results.values()
+        assert max(results) - min(results) <= 0.05
+
+
+test_default_learning_rate_fits_rewards_of_any_scale.results = {}
+
+
+@pytest.fixture(scope="module")
+def tiny_paths(tmp_path_factory):
+    return save_tiny_models(tmp_path_factory.mktemp("tiny"))
+
+
+def train_reward_model(base_model: str, pairs, output_dir, steps: int = 40, **kwargs) -> RewardTrainer:
+    args = RewardConfig(
+        output_dir=str(output_dir),
+        max_steps=steps,
+        per_device_train_batch_size=32,
+        learning_rate=3e-3,
+        bf16=False,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = RewardTrainer(model=base_model, args=args, train_dataset=pairs, **kwargs)
+    trainer.train()
+    trainer.save_model(str(output_dir))
+    return trainer
+
+
+def last_token_values(trainer, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The critic's value at the last token of each text, and the reward model's score of it."""
+    tokenizer = trainer.processing_class
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
+    last = inputs["attention_mask"].sum(1) - 1
+    with torch.no_grad():
+        values = trainer.value_model(inputs["input_ids"], inputs["attention_mask"])
+        scores = trainer.reward_funcs[0](**inputs).logits[:, 0]
+    return values[torch.arange(len(texts)), last], scores
+
+
+TEXTS = ["bcd:aaab", "xyz:qwerty", "klm:banana"]
+
+
+def test_critic_starts_as_the_full_precision_reward_model(tmp_path, tiny_paths):
+    reward_model = train_reward_model(tiny_paths["policy"], make_preference_dataset(64), tmp_path / "rm").model
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=reward_model, args=run_args(tmp_path), train_dataset=PROMPTS
+    )
+    values, scores = last_token_values(trainer, TEXTS)
+    torch.testing.assert_close(values, scores, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shares_base", [True, False])
+def test_critic_starts_as_a_4bit_reward_adapter(tmp_path, tiny_paths, shares_base):
+    """From a QLoRA reward model: its adapter and score head, on the policy's base or on a base of its own."""
+    peft_config = LoraConfig(task_type="SEQ_CLS", **LORA_KWARGS)
+    pairs = make_preference_dataset(64)
+    train_reward_model(tiny_paths["policy"], pairs, tmp_path / "rm", quantization_config=NF4, peft_config=peft_config)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_paths["policy"], num_labels=1, quantization_config=NF4
+    )
+    reward_model = PeftModel.from_pretrained(base, tmp_path / "rm").eval()
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=reward_model,
+        args=run_args(tmp_path, critic_shares_base=shares_base),
+        train_dataset=PROMPTS,
+        reward_processing_classes=AutoTokenizer.from_pretrained(tiny_paths["policy"]),
+        quantization_config=NF4,
+        peft_config=LORA,
+    )
+    assert (trainer.value_model.backbone is trainer.model) == shares_base
+    values, scores = last_token_values(trainer, TEXTS)
+    torch.testing.assert_close(values, scores, atol=1e-2, rtol=1e-2)  # 4-bit kernels of two models differ slightly
+
+
+def test_warm_start_from_the_reward_model_learns_faster_than_a_cold_start(tmp_path):
+    """On a pretrained language model with a reward model trained on its own completions, as in the demo.
+
+    A reward model learns to score complete texts (ending with EOS), not the prefixes a value model reads, so the
+    warm start's first values are only a little better than a constant; its features are what pays: after one update
+    the warm-started critic explains far more of the returns than the cold one does after ten.
+    """
+    from hf_reinforce.scripts.demo import label_pairs, pretrain_language_model, sample_completions, split_prompts
+
+    torch.manual_seed(0)
+    tokenizer = build_tiny_tokenizer()
+    language_model, _ = pretrain_language_model(tokenizer, num_steps=150, seed=0)
+    language_model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    train_prompts, _ = split_prompts(64, seed=0)
+    pair_prompts = train_prompts[:512]
+    pairs = label_pairs(pair_prompts, sample_completions(language_model, tokenizer, pair_prompts, 2, seed=0))
+    reward_model = train_reward_model(str(tmp_path / "base"), pairs, tmp_path / "rm", steps=150).model.eval()
+    prompts = Dataset.from_dict({"prompt": train_prompts})
+    explained = {}
+    for warm in (True, False):
+        args = run_args(tmp_path, seed=0, per_device_train_batch_size=32, max_completion_length=24, max_steps=10)
+        trainer = ReinforceTrainer(
+            model=str(tmp_path / "base"),
+            reward_funcs=reward_model,
+            args=args,
+            train_dataset=prompts,
+            value_model=None if warm else str(tmp_path / "base"),
+        )
+        trainer.train()
+        explained[warm] = logged(trainer, "critic/explained_variance")
+    warm, cold = (sum(explained[start][1:]) / 9 for start in (True, False))
+    print(
+        f"explained variance at step 0: warm start {explained[True][0]:.2f}, cold start {explained[False][0]:.2f}; "
+        f"mean over steps 1-9: warm {warm:.2f}, cold {cold:.2f}"
+    )
+    assert explained[True][0] > explained[False][0]
+    assert warm > cold + 0.2

@@ -49,11 +49,11 @@ class Settings:
     eval_prompts: int
     samples_per_eval_prompt: int
     learning_rate: float = 5e-5
-    beta: float = 0.0
+    beta: float = 0.05  # trl.RLOOConfig's default
 
 
-QUICK = Settings(steps=60, eval_every=2, eval_prompts=32, samples_per_eval_prompt=2)
-FULL = Settings(steps=120, eval_every=5, eval_prompts=64, samples_per_eval_prompt=2)
+QUICK = Settings(steps=150, eval_every=5, eval_prompts=32, samples_per_eval_prompt=2)
+FULL = Settings(steps=200, eval_every=4, eval_prompts=64, samples_per_eval_prompt=2)
 
 
 # ---- tasks (module-level functions: the worker processes import them) ----
@@ -198,10 +198,8 @@ def run_and_save(job: dict) -> dict:
     with tempfile.TemporaryDirectory() as output_dir:
         result = run_arm({**job, "output_dir": output_dir})
     path.write_text(json.dumps(result) + "\n")
-    print(
-        f"{job['task']:>13} {job['arm']:>9} seed {job['seed']}: {result['curve'][-1][1]:.2f} ({result['seconds']:.0f} s)",
-        flush=True,
-    )
+    final = result["curve"][-1][1]
+    print(f"{job['task']:>13} {job['arm']:>9} seed {job['seed']}: {final:.2f} ({result['seconds']:.0f} s)", flush=True)
     return result
 
 
@@ -290,9 +288,10 @@ def format_samples(value: float) -> str:
 def print_tables(summary: dict) -> None:
     for task, task_summary in summary.items():
         print(f"\n### {task} (target {task_summary['target']:.2f})\n")
-        print(
-            "| arm | samples to target | vs rloo | per seed | final held-out reward ± seed spread | EV (learning phase) |"
+        header = (
+            "arm | samples to target | vs rloo | per seed | final held-out reward ± seed spread | EV (learning phase)"
         )
+        print(f"| {header} |")
         print("|---|---|---|---|---|---|")
         for arm, a in task_summary["arms"].items():
             per_seed = ", ".join(format_samples(v) for v in a["samples_to_target_per_seed"])
@@ -325,6 +324,125 @@ def plot(summary: dict, path: Path) -> None:
     plt.close(figure)
 
 
+# ---- the enumerable toy ----
+def toy_gradient_variance(num_samples: int = 1600, critic_steps: int = 200) -> dict[str, float]:
+    """Per-sample variance of the policy gradient on `EnumerableToy`, for each baseline, relative to none.
+
+    The critics are trained through `ReinforceTrainer` with default settings while the policy stays fixed (learning
+    rate 0), with 4 completions per prompt and with 1 (then the others are the batch of 32).
+    """
+    import torch
+
+    torch.set_num_threads(1)
+    import transformers
+    from datasets import Dataset
+    from transformers import PrinterCallback
+
+    from hf_reinforce import ReinforceConfig, ReinforceTrainer
+    from hf_reinforce.advantages import critic_baseline, sequence_baseline, token_advantages
+    from hf_reinforce.testing import EnumerableToy, per_sample_gradients
+
+    transformers.logging.set_verbosity_error()
+    toy = EnumerableToy()
+    critics = {}
+    for num_generations in (4, 1):
+        with tempfile.TemporaryDirectory() as output_dir:
+            args = ReinforceConfig(
+                output_dir=output_dir,
+                num_generations=num_generations,
+                per_device_train_batch_size=COMPLETIONS_PER_STEP,
+                max_completion_length=toy.horizon,
+                max_steps=critic_steps,
+                learning_rate=0.0,
+                beta=0.0,
+                generation_kwargs={"suppress_tokens": toy.suppressed},
+                bf16=False,
+                use_cpu=True,
+                report_to="none",
+                save_strategy="no",
+                disable_tqdm=True,
+            )
+            trainer = ReinforceTrainer(
+                model=toy.policy,
+                reward_funcs=toy.reward,
+                args=args,
+                train_dataset=Dataset.from_dict({"prompt": [toy.prompt] * 64}),
+                processing_class=toy.tokenizer,
+            )
+            trainer.remove_callback(PrinterCallback)
+            trainer.train()
+        critics[num_generations] = (toy.critic_values(trainer.value_model), trainer.critic.weight())
+    completions = toy.sample(num_samples, seed=1)
+    scores = toy.score_vectors(completions)
+    returns, mask, exact = toy.token_tensors(completions, toy.exact_values())
+    rewards, batch = returns[:, 0], COMPLETIONS_PER_STEP
+    baselines = {
+        "none": torch.zeros_like(rewards),
+        "mean (batch of 32)": rewards.view(-1, batch).mean(1, keepdim=True).expand(-1, batch).reshape(-1),
+        "rloo (groups of 4)": sequence_baseline(rewards, "rloo", 4),
+        "critic-4 (learned)": critic_baseline(
+            toy.token_tensors(completions, critics[4][0])[2], returns, mask, 4, critics[4][1]
+        ),
+        "critic-1 (learned)": critic_baseline(
+            toy.token_tensors(completions, critics[1][0])[2], returns, mask, batch, critics[1][1]
+        ),
+        "exact V(s_t), the seed's baseline": exact,
+        "exact V, recentred on groups of 4": critic_baseline(exact, returns, mask, 4, 1.0),
+    }
+    variances = {
+        name: per_sample_gradients(scores, token_advantages(returns, b, mask)).var(0).sum().item()
+        for name, b in baselines.items()
+    }
+    return {name: variance / variances["none"] for name, variance in variances.items()}
+
+
+# ---- the claims ----
+def check_claims(summary: dict) -> list[tuple[str, str, bool]]:
+    """The acceptance checks of the benchmark: (claim, measured, holds)."""
+    claims = []
+
+    def arm(task, name):
+        return summary[task]["arms"].get(name, {})
+
+    for task in summary:
+        ratio = arm(task, "critic-4").get("vs_rloo", math.nan)
+        claims.append(
+            (f"{task}: critic-4 reaches the target in no more samples than rloo", f"{ratio:.2f}x", ratio <= 1)
+        )
+        for name in ("critic-4", "critic-1"):
+            lag = worst_lag_behind_mean(summary[task], name)
+            claims.append(
+                (
+                    f"{task}: {name}'s mean curve never below the mean baseline's by more than the seed spread",
+                    f"worst gap {lag:+.2f} spreads",
+                    lag <= 1.0,
+                )
+            )
+    if "token_credit" in summary:
+        best = min(arm("token_credit", name).get("vs_rloo", math.inf) for name in ("critic-4", "critic-1"))
+        claims.append(("token_credit: the best critic arm needs <= 0.8x rloo's samples", f"{best:.2f}x", best <= 0.8))
+    if "prompt_level" in summary:
+        ratio = arm("prompt_level", "critic-1").get("vs_rloo", math.nan)
+        claims.append(("prompt_level: critic-1 needs <= 1.2x rloo's samples", f"{ratio:.2f}x", ratio <= 1.2))
+        for name in ("critic-4", "critic-1"):
+            ev = learning_phase_ev(summary["prompt_level"], name)
+            claims.append(
+                (f"prompt_level: {name}'s explained variance >= 0.5 over the learning phase", f"{ev:.2f}", ev >= 0.5)
+            )
+    return claims
+
+
+def worst_lag_behind_mean(task_summary: dict, arm: str) -> float:
+    """max over evaluation points of (mean arm − this arm) / seed spread (the larger of the two arms' there)."""
+    if "mean" not in task_summary["arms"] or arm not in task_summary["arms"]:
+        return math.nan
+    mean, this = task_summary["arms"]["mean"]["curve"], task_summary["arms"][arm]["curve"]
+    lags = [
+        (m - c) / max(ms, cs, 1e-9) for m, c, ms, cs in zip(mean["mean"], this["mean"], mean["spread"], this["spread"])
+    ]
+    return max(lags)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--full", action="store_true", help="more steps and held-out prompts than the quick run")
@@ -338,6 +456,7 @@ def main():
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--eval_every", type=int, default=None)
     parser.add_argument("--beta", type=float, default=None)
+    parser.add_argument("--skip_toy", action="store_true", help="leave out the enumerable-toy gradient variance")
     args = parser.parse_args()
     settings = FULL if args.full else QUICK
     if args.learning_rate is not None:
@@ -372,13 +491,24 @@ def main():
                 )
     started = time.perf_counter()
     with multiprocessing.get_context("spawn").Pool(args.jobs) as pool:
+        toy = pool.apply_async(toy_gradient_variance) if not args.skip_toy else None
         results = pool.map(run_and_save, jobs, chunksize=1)
+        toy_variances = toy.get() if toy is not None else {}
     summary = summarize(results)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    claims = check_claims(summary)
+    (output_dir / "summary.json").write_text(
+        json.dumps({"tasks": summary, "toy_gradient_variance": toy_variances, "claims": claims}, indent=1) + "\n"
+    )
     plot(summary, output_dir / "baselines.png")
     print(f"\nmachine: {platform.platform()}, {os.cpu_count()} cores, {args.jobs} runs in parallel, one thread each")
     print(f"seeds {args.seeds}; {settings}; {time.perf_counter() - started:.0f} s in all")
     print_tables(summary)
+    if toy_variances:
+        print("\n### per-sample gradient variance on the enumerable toy, relative to no baseline\n")
+        print("| baseline | variance |\n|---|---|")
+        print("\n".join(f"| {name} | {ratio:.3f} |" for name, ratio in toy_variances.items()))
+    print("\n### claims\n")
+    print("\n".join(f"- [{'x' if holds else ' '}] {claim}: {measured}" for claim, measured, holds in claims))
 
 
 if __name__ == "__main__":

@@ -1,25 +1,33 @@
-"""Step time and weight memory of ReinforceTrainer's baselines against trl.RLOOTrainer, on one tiny CPU setup.
+"""Step time and weight memory of ReinforceTrainer's baselines against trl.RLOOTrainer, on one CPU setup.
 
-    python benchmarks/step_time.py --steps 30 --repeats 3
+    python benchmarks/step_time.py                       # about 24 M parameters, 3 interleaved repeats
+    python benchmarks/step_time.py --hidden_size 256 --num_layers 4 --steps 30
 
-Every configuration trains the same tiny Llama (saved to a temp dir, no download) on the same prompts with the same
-generation settings; the median of the trainers' own per-step `step_time` is reported, and ratios are taken within
-this one run. "Weight memory" counts the bytes of every distinct tensor held by the policy, reference and critic.
+Every configuration trains the same random-weight Llama (saved to a temporary folder, no download) on the same
+prompts with the same generation settings, every completion forced to full length. Configurations run one after the
+other within each repeat (interleaved, as the machine may be shared), and the median of the trainers' own per-step
+`step_time` over steps 2..N and repeats is reported, with ratios to `trl.RLOOTrainer` in the same precision and beta
+taken within this one run. Where the time goes: seconds per step in generation, in the no-grad log-probability passes
+(rollout and reference), in the critic's update, and in the policy's update (the rest). "Weights held" counts the
+bytes of every distinct tensor held by policy, reference and critic.
 """
 
 import argparse
+import collections
 import os
 import platform
 import statistics
 import tempfile
+import time
 
 import torch
 from datasets import Dataset
 from peft import LoraConfig
-from transformers import BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
+from hf_reinforce.critic import Critic
 from hf_reinforce.testing import save_tiny_models
 
 
@@ -39,10 +47,11 @@ def common_settings(output_dir: str, steps: int) -> dict:
         "beta": 0.05,
         "learning_rate": 1e-4,
         "bf16": False,
+        "use_cpu": True,
         "report_to": "none",
         "save_strategy": "no",
         "logging_steps": 1,
-        "disable_tqdm": False,  # the per-step log lines go to the progress bar on stderr, not into the table
+        "disable_tqdm": True,
     }
 
 
@@ -52,8 +61,49 @@ def weight_bytes(trainer) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
+class PhaseTimer:
+    """Seconds spent in a few methods, patched on their classes for the duration of one run."""
+
+    PHASES = {
+        "generation": (RLOOTrainer, "_generate"),
+        "log-prob passes": (RLOOTrainer, "_get_per_token_logps_and_entropies"),
+        "critic update": (Critic, "fit"),
+        "step": (RLOOTrainer, "training_step"),
+    }
+
+    def __init__(self):
+        self.seconds = collections.defaultdict(float)
+        self.originals = {}
+
+    def __enter__(self):
+        for phase, (cls, name) in self.PHASES.items():
+            original = self.originals[phase] = getattr(cls, name)
+            setattr(cls, name, self._timed(phase, original))
+        return self
+
+    def __exit__(self, *exc):
+        for phase, (cls, name) in self.PHASES.items():
+            setattr(cls, name, self.originals[phase])
+
+    def _timed(self, phase, method):
+        def timed(trainer, *args, **kwargs):
+            grad = phase == "log-prob passes" and torch.is_grad_enabled()  # the policy's own forward, with grad
+            started = time.perf_counter()
+            result = method(trainer, *args, **kwargs)
+            if not grad:
+                self.seconds[phase] += time.perf_counter() - started
+            return result
+
+        return timed
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        seconds = {phase: self.seconds[phase] / steps for phase in ("generation", "log-prob passes", "critic update")}
+        seconds["policy update and the rest"] = self.seconds["step"] / steps - sum(seconds.values())
+        return seconds
+
+
 def run(name: str, paths: dict, steps: int, qlora: bool, **config) -> dict:
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory() as output_dir, PhaseTimer() as timer:
         kwargs = {}
         if qlora:
             kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -70,7 +120,11 @@ def run(name: str, paths: dict, steps: int, qlora: bool, **config) -> dict:
         trainer = trainer_cls(model=paths["policy"], reward_funcs=count_a, args=args, train_dataset=dataset, **kwargs)
         trainer.train()
         step_times = [entry["step_time"] for entry in trainer.state.log_history if "step_time" in entry]
-        return {"median_step_s": statistics.median(step_times[1:]), "weight_mb": weight_bytes(trainer) / 2**20}
+        return {
+            "step_times": step_times[1:],
+            "weight_mb": weight_bytes(trainer) / 2**20,
+            "phases": timer.per_step(steps),
+        }
 
 
 CONFIGURATIONS = {
@@ -83,21 +137,31 @@ CONFIGURATIONS = {
     "ReinforceTrainer critic, beta=0": (False, {"baseline": "critic", "beta": 0.0}),
     "trl RLOOTrainer, QLoRA": (True, {}),
     "ReinforceTrainer critic, QLoRA shared base": (True, {"baseline": "critic", "critic_shares_base": True}),
+    "ReinforceTrainer critic, QLoRA shared base, all layers": (
+        True,
+        {"baseline": "critic", "critic_shares_base": True, "critic_layers": 0},
+    ),
     "ReinforceTrainer critic, QLoRA separate critic": (True, {"baseline": "critic", "critic_shares_base": False}),
 }
 
 
+def reference_for(name: str) -> str:
+    if "QLoRA" in name:
+        return "trl RLOOTrainer, QLoRA"
+    return "trl RLOOTrainer, beta=0" if "beta=0" in name else "trl RLOOTrainer"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--repeats", type=int, default=3, help="runs per configuration; the median over all is kept")
-    parser.add_argument("--hidden_size", type=int, default=256)
-    parser.add_argument("--num_layers", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved runs per configuration")
+    parser.add_argument("--hidden_size", type=int, default=512)
+    parser.add_argument("--num_layers", type=int, default=6)
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all cores)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads or os.cpu_count() or 1)
-    torch.manual_seed(0)
+    torch.set_num_threads(args.threads)
+    configurations = list(dict.fromkeys([reference_for(name) for name in args.configurations] + args.configurations))
     with tempfile.TemporaryDirectory() as model_dir:
         paths = save_tiny_models(
             model_dir,
@@ -107,30 +171,29 @@ def main():
             num_attention_heads=8,
             num_key_value_heads=4,
         )
-        results = {}
-        for name in args.configurations:
-            qlora, config = CONFIGURATIONS[name]
-            runs = [run(name, paths, args.steps, qlora, **config) for _ in range(args.repeats)]
-            results[name] = {
-                "median_step_s": statistics.median(r["median_step_s"] for r in runs),
-                "weight_mb": runs[0]["weight_mb"],
-            }
-    print(f"machine: {platform.platform()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+        num_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(paths["policy"]).parameters())
+        runs = collections.defaultdict(list)
+        for _ in range(args.repeats):
+            for name in configurations:
+                qlora, config = CONFIGURATIONS[name]
+                runs[name].append(run(name, paths, args.steps, qlora, **config))
+    print(f"machine: {platform.platform()}, {args.threads} torch threads, torch {torch.__version__}")
     print(
-        f"setup: Llama hidden {args.hidden_size}, 4 layers; 16 completions of 32 tokens per step; {args.steps} steps "
-        f"x {args.repeats} runs per row\n"
+        f"setup: Llama hidden {args.hidden_size}, {args.num_layers} layers, {num_parameters / 1e6:.1f} M parameters; "
+        f"16 completions of 32 tokens per step; {args.steps} steps x {args.repeats} interleaved runs per row\n"
     )
-    reference = results["trl RLOOTrainer"]["median_step_s"]
-    qlora_reference = results["trl RLOOTrainer, QLoRA"]["median_step_s"]
-    beta0_reference = results["trl RLOOTrainer, beta=0"]["median_step_s"]
+    medians = {name: statistics.median(t for r in runs[name] for t in r["step_times"]) for name in configurations}
     print("| configuration | median step (s) | vs TRL RLOO (same precision and beta) | weights held (MB) |")
     print("|---|---|---|---|")
-    for name, result in results.items():
-        base = qlora_reference if "QLoRA" in name else beta0_reference if "beta=0" in name else reference
-        print(
-            f"| {name} | {result['median_step_s']:.3f} | {result['median_step_s'] / base:.2f}x | "
-            f"{result['weight_mb']:.1f} |"
-        )
+    for name in configurations:
+        ratio = medians[name] / medians[reference_for(name)]
+        print(f"| {name} | {medians[name]:.3f} | {ratio:.2f}x | {runs[name][0]['weight_mb']:.1f} |")
+    phases = list(runs[configurations[0]][0]["phases"])
+    print("\nWhere the time goes (seconds per step, median over runs):\n")
+    print(f"| configuration | {' | '.join(phases)} |\n|---|{'---|' * len(phases)}")
+    for name in configurations:
+        seconds = [statistics.median(r["phases"][phase] for r in runs[name]) for phase in phases]
+        print(f"| {name} | {' | '.join(f'{s:.3f}' for s in seconds)} |")
 
 
 if __name__ == "__main__":

@@ -14,6 +14,10 @@ TRAINING_SCRIPTS = {
     "reward": "Train a Bradley-Terry reward model on preference pairs (columns chosen/rejected).",
     "reinforce": "Fine-tune a causal LM with REINFORCE against a reward model (baseline: critic, rloo, mean or none).",
 }
+# Commands that are a module's `main()`, which reads its own flags from sys.argv (and answers its own --help).
+TOOL_COMMANDS = {
+    "demo": ("hf_reinforce.scripts.demo", "Run the offline end-to-end demo (see `hf-reinforce demo --help`)."),
+}
 DESCRIPTION = """\
 REINFORCE with a value-head critic and Bradley-Terry reward models, as TRL trainers.
 
@@ -158,11 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
     for script, help_text in TRAINING_SCRIPTS.items():
         # The script's own parser handles its flags and --help, so this one takes none.
         commands.add_parser(script, help=help_text, add_help=False)
-    commands.add_parser(
-        "demo",
-        help="Run the offline end-to-end demo (see `hf-reinforce demo --help`).",
-        add_help=False,
-    )
+    for name, (_, help_text) in TOOL_COMMANDS.items():
+        commands.add_parser(name, help=help_text, add_help=False)
     make_tiny_parser = commands.add_parser(
         "make-tiny",
         help="Write the tiny models and datasets that the recipes in recipes/tiny read (offline, seconds).",
@@ -190,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command in TRAINING_SCRIPTS:
         return run_training_script(args.command, command_argv)
-    if args.command == "demo":
-        demo = importlib.import_module("hf_reinforce.scripts.demo")
-        sys.argv = ["hf-reinforce demo", *command_argv]
-        return demo.main() or 0
+    if args.command in TOOL_COMMANDS:
+        module = importlib.import_module(TOOL_COMMANDS[args.command][0])
+        sys.argv = [f"hf-reinforce {args.command}", *command_argv]
+        return module.main() or 0
     tiny_args = parser.parse_args(argv)
     for role, path in make_tiny(tiny_args.output_dir, tiny_args.num_train_pairs, tiny_args.seed).items():
         print(f"{role}: {path}")

@@ -262,10 +262,7 @@ def gold(completions: list[str], **kwargs) -> list[float]:
 def build_reinforce_trainer(args: DemoArguments, base_model: str, reward_function, prompts: list[str], output_dir):
     config = ReinforceConfig(
         output_dir=str(output_dir),
-        baseline="critic",
-        critic_shares_base=True,
-        critic_learning_rate=3e-3,
-        critic_warmup_steps=args.reinforce_steps // 10,  # the baseline learns a little before it is used
+        baseline="critic",  # default critic settings: a second adapter on the same 4-bit base
         learning_rate=args.reinforce_learning_rate,
         lr_scheduler_type="constant",
         beta=args.beta,

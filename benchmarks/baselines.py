@@ -52,8 +52,8 @@ class Settings:
     beta: float = 0.05  # trl.RLOOConfig's default
 
 
-QUICK = Settings(steps=150, eval_every=5, eval_prompts=32, samples_per_eval_prompt=2)
-FULL = Settings(steps=200, eval_every=4, eval_prompts=64, samples_per_eval_prompt=2)
+QUICK = Settings(steps=240, eval_every=6, eval_prompts=32, samples_per_eval_prompt=2)
+FULL = Settings(steps=300, eval_every=5, eval_prompts=64, samples_per_eval_prompt=2)
 
 
 # ---- tasks (module-level functions: the worker processes import them) ----
@@ -134,14 +134,15 @@ def run_arm(job: dict) -> dict:
         rewards = spec["reward"](prompts=prompts, completions=completions)
         model.train(was_training)
         torch.set_rng_state(rng_state)
-        return sum(rewards) / len(rewards)
+        standard_error = statistics.stdev(rewards) / math.sqrt(len(rewards))
+        return statistics.mean(rewards), standard_error
 
     curve = []
 
     class HeldOut(TrainerCallback):
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step % settings.eval_every == 0:
-                curve.append((state.global_step * COMPLETIONS_PER_STEP, held_out_reward(model)))
+                curve.append((state.global_step * COMPLETIONS_PER_STEP, *held_out_reward(model)))
 
     arm = job["arm"]
     num_generations = 1 if arm == "critic-1" else 4
@@ -177,7 +178,7 @@ def run_arm(job: dict) -> dict:
     )
     trainer.remove_callback(PrinterCallback)
     trainer.add_callback(HeldOut())
-    curve.append((0, held_out_reward(trainer.model)))
+    curve.append((0, *held_out_reward(trainer.model)))
     started = time.perf_counter()
     trainer.train()
     history = trainer.state.log_history
@@ -220,15 +221,17 @@ def prepare_base_model(directory: Path) -> tuple[list[str], list[str]]:
 
 
 # ---- aggregation ----
-def samples_to_target(curve: list[tuple[int, float]], target: float) -> float:
-    for samples, reward in curve:
+def samples_to_target(curve: list[tuple], target: float) -> float:
+    """The first evaluation point (in sampled completions) at which the curve reaches the target; inf if never."""
+    for samples, reward, *_ in curve:
         if reward >= target:
             return samples
     return math.inf
 
 
 def mean_curve(results: list[dict]) -> tuple[list[int], list[float], list[float]]:
-    points = [dict(r["curve"]) for r in results]
+    """Evaluation points, seed-mean held-out reward and seed spread (standard deviation across seeds)."""
+    points = [{samples: reward for samples, reward, *_ in r["curve"]} for r in results]
     samples = sorted(set.intersection(*(set(p) for p in points)))
     means = [statistics.mean(p[s] for p in points) for s in samples]
     spreads = [statistics.stdev(p[s] for p in points) if len(points) > 1 else 0.0 for s in samples]
@@ -259,17 +262,24 @@ def summarize(results: list[dict]) -> dict:
                 "final": final_reward(means),
                 "final_spread": statistics.mean(spreads[-3:]),
                 "curve": {"samples": samples, "mean": means, "spread": spreads},
+                "evaluation_standard_error": statistics.mean(se for r in runs for _, _, se in r["curve"]),
                 "seeds": [r["seed"] for r in runs],
             }
             evs = [[v for v in r["explained_variance"] if v is not None] for r in runs]
             if any(evs):
                 task_summary["arms"][arm]["explained_variance"] = evs
-        rloo = task_summary["arms"].get("rloo", {}).get("samples_to_target")
+        rloo = task_summary["arms"].get("rloo", {}).get("samples_to_target", math.nan)
         for arm_summary in task_summary["arms"].values():
-            ratio = arm_summary["samples_to_target"] / rloo if rloo and math.isfinite(rloo) else math.nan
-            arm_summary["vs_rloo"] = ratio
+            arm_summary["vs_rloo"] = ratio_to(arm_summary["samples_to_target"], rloo)
         summary[task] = task_summary
     return summary
+
+
+def ratio_to(samples: float, reference: float) -> float:
+    """samples / reference; 0 when only the reference never reaches the target, NaN when neither does."""
+    if math.isinf(reference):
+        return 0.0 if math.isfinite(samples) else math.nan
+    return samples / reference
 
 
 def learning_phase_ev(task_summary: dict, arm: str) -> float:
@@ -285,6 +295,10 @@ def format_samples(value: float) -> str:
     return "never" if not math.isfinite(value) else f"{value:.0f}"
 
 
+def format_ratio(value: float) -> str:
+    return "-" if math.isnan(value) else ("< 1 (rloo never)" if value == 0 else f"{value:.2f}")
+
+
 def print_tables(summary: dict) -> None:
     for task, task_summary in summary.items():
         print(f"\n### {task} (target {task_summary['target']:.2f})\n")
@@ -297,7 +311,7 @@ def print_tables(summary: dict) -> None:
             per_seed = ", ".join(format_samples(v) for v in a["samples_to_target_per_seed"])
             ev = learning_phase_ev(task_summary, arm) if "explained_variance" in a else math.nan
             print(
-                f"| {arm} | {format_samples(a['samples_to_target'])} | {a['vs_rloo']:.2f} | {per_seed} | "
+                f"| {arm} | {format_samples(a['samples_to_target'])} | {format_ratio(a['vs_rloo'])} | {per_seed} | "
                 f"{a['final']:.2f} ± {a['final_spread']:.2f} | {'' if math.isnan(ev) else f'{ev:.2f}'} |"
             )
 
@@ -314,7 +328,8 @@ def plot(summary: dict, path: Path) -> None:
             curve = a["curve"]
             low = [m - s for m, s in zip(curve["mean"], curve["spread"])]
             high = [m + s for m, s in zip(curve["mean"], curve["spread"])]
-            (line,) = axis.plot(curve["samples"], curve["mean"], label=arm)
+            style = "--" if arm == "trl-rloo" else "-"  # on top of `rloo`, which reproduces it exactly
+            (line,) = axis.plot(curve["samples"], curve["mean"], style, label=arm)
             axis.fill_between(curve["samples"], low, high, color=line.get_color(), alpha=0.12)
         axis.axhline(task_summary["target"], color="grey", linestyle=":", linewidth=1)
         axis.set(title=task, xlabel="sampled completions", ylabel="held-out gold reward")
@@ -420,10 +435,12 @@ def check_claims(summary: dict) -> list[tuple[str, str, bool]]:
             )
     if "token_credit" in summary:
         best = min(arm("token_credit", name).get("vs_rloo", math.inf) for name in ("critic-4", "critic-1"))
-        claims.append(("token_credit: the best critic arm needs <= 0.8x rloo's samples", f"{best:.2f}x", best <= 0.8))
+        claims.append(
+            ("token_credit: the best critic arm needs <= 0.8x rloo's samples", format_ratio(best), best <= 0.8)
+        )
     if "prompt_level" in summary:
         ratio = arm("prompt_level", "critic-1").get("vs_rloo", math.nan)
-        claims.append(("prompt_level: critic-1 needs <= 1.2x rloo's samples", f"{ratio:.2f}x", ratio <= 1.2))
+        claims.append(("prompt_level: critic-1 needs <= 1.2x rloo's samples", format_ratio(ratio), ratio <= 1.2))
         for name in ("critic-4", "critic-1"):
             ev = learning_phase_ev(summary["prompt_level"], name)
             claims.append(
@@ -433,12 +450,17 @@ def check_claims(summary: dict) -> list[tuple[str, str, bool]]:
 
 
 def worst_lag_behind_mean(task_summary: dict, arm: str) -> float:
-    """max over evaluation points of (mean arm − this arm) / seed spread (the larger of the two arms' there)."""
-    if "mean" not in task_summary["arms"] or arm not in task_summary["arms"]:
+    """max over evaluation points of (mean arm − this arm) / spread, where the spread is the larger of the two arms'
+    seed spreads there, floored at the evaluation's own standard error (a single evaluation cannot resolve less;
+    early on, every seed starts from the same model and the seed spread alone is close to 0)."""
+    arms = task_summary["arms"]
+    if "mean" not in arms or arm not in arms:
         return math.nan
-    mean, this = task_summary["arms"]["mean"]["curve"], task_summary["arms"][arm]["curve"]
+    mean, this = arms["mean"]["curve"], arms[arm]["curve"]
+    floor = max(arms["mean"]["evaluation_standard_error"], arms[arm]["evaluation_standard_error"])
     lags = [
-        (m - c) / max(ms, cs, 1e-9) for m, c, ms, cs in zip(mean["mean"], this["mean"], mean["spread"], this["spread"])
+        (m - c) / max(ms, cs, floor)
+        for m, c, ms, cs in zip(mean["mean"], this["mean"], mean["spread"], this["spread"])
     ]
     return max(lags)
 

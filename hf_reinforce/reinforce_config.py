@@ -4,6 +4,7 @@ from dataclasses import dataclass, field
 from trl import RLOOConfig
 
 from .advantages import BASELINES
+from .config_defaults import resolve_device_defaults
 
 
 @dataclass
@@ -68,6 +69,14 @@ class ReinforceConfig(RLOOConfig):
         default=1.0,
         metadata={"help": "Gradient-norm clip for the critic's updates (0 disables clipping)."},
     )
+    missing_eos_penalty: float | None = field(
+        default=None,
+        metadata={
+            "help": "Subtracted from the reward of a completion cut at max_completion_length without an EOS, as TRL's "
+            "PPO trainer did. Reward models never score such a completion as finished (no EOS or end-of-turn is "
+            "added to it), whatever this is; use `mask_truncated_completions` to leave them out of the loss instead."
+        },
+    )
     whiten_advantages: bool = field(
         default=False,
         metadata={"help": "Shift and scale the per-token advantages of each batch to mean 0 and variance 1."},
@@ -114,8 +123,11 @@ class ReinforceConfig(RLOOConfig):
             raise ValueError(f"gamma={self.gamma} must lie in (0, 1]; 1.0 is the undiscounted return.")
         if not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam={self.lam} must lie in [0, 1]; 1.0 is the Monte-Carlo advantage.")
+        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
+            raise ValueError(f"missing_eos_penalty={self.missing_eos_penalty} must be a finite number or None.")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations} must be at least 1.")
+        resolve_device_defaults(self)
         try:
             super().__post_init__()
         except ValueError as error:

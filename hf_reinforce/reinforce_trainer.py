@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather, pad_across_processes
+from peft import PeftModel
 from trl import RLOOConfig, RLOOTrainer
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
@@ -20,11 +21,13 @@ from .advantages import (
     token_rewards,
     whiten,
 )
+from .checks import check_local_path
 from .critic import CRITIC_ADAPTER, Critic, build_value_model
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
 from .reinforce_config import ReinforceConfig
+from .reward_models import RewardModelScorer, resolve_reward_models
 
 
 VALUE_MODEL_DIR = "value_model"
@@ -85,6 +88,13 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
             args = ReinforceConfig(f"{model_name.split('/')[-1]}-REINFORCE")
         elif isinstance(args, RLOOConfig) and not isinstance(args, ReinforceConfig):
             raise TypeError("args is an RLOOConfig; pass an hf_reinforce.ReinforceConfig, which adds `baseline`.")
+        check_local_path(model, "model")
+        check_local_path(value_model, "value_model")
+        for index, reward_func in enumerate(reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]):
+            check_local_path(reward_func, f"reward_funcs[{index}]")
+        reward_funcs, reward_processing_classes = resolve_reward_models(
+            reward_funcs, reward_processing_classes, quantization_config, args.model_init_kwargs, args.device
+        )
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -103,6 +113,7 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         self.kl_coef, self.beta = self.beta, 0.0
         self._scoring_rollouts, self._rollout_logps = False, None
         keep_4bit_layers_differentiable(self.model)
+        self.reward_funcs = [self._as_scorer(index, func) for index, func in enumerate(self.reward_funcs)]
         self.critic = None
         if args.baseline == "critic":
             value_model = build_value_model(
@@ -113,6 +124,20 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
             self.critic = Critic(value_model, args, self.accelerator)
         elif value_model is not None:
             raise ValueError(f"value_model is only used with baseline='critic', but baseline={args.baseline!r}.")
+
+    # Reward models score texts as `RewardTrainer` trained them, never a cut-off completion as if it had ended.
+    def _as_scorer(self, index: int, reward_func):
+        if not isinstance(reward_func, torch.nn.Module):
+            return reward_func
+        if isinstance(reward_func, PeftModel) and not getattr(reward_func, "is_loaded_in_4bit", False):
+            reward_func.to(self.accelerator.device)  # TRL places only transformers models
+        return RewardModelScorer(
+            reward_func,
+            self.reward_processing_classes[index],
+            self.eos_token_ids,
+            name=self.reward_func_names[index],
+            batch_size=self.args.per_device_train_batch_size,
+        )
 
     @property
     def value_model(self):
@@ -164,7 +189,7 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         )
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
 
-        rewards = self._scored_rewards()  # (global B,), NaN = unscorable
+        rewards = self._scored_rewards(output)  # (global B,), NaN = unscorable
         scorable = rewards.isfinite()
         mask = completion_mask * scorable[local].unsqueeze(1)  # (B, C): unscorable completions teach nothing
         per_token_kl = self._per_token_kl(output, rollout_logps, input_ids, attention_mask, mode)  # (B, C)
@@ -191,15 +216,25 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         metrics["advantages/std"].append(masked_var(advantages, mask).sqrt().item())
         return output
 
-    def _scored_rewards(self) -> torch.Tensor:
-        """R = Σ_k w_k·r_k of the reward functions, clipped as configured (global B,), NaN where unscorable."""
+    def _scored_rewards(self, output) -> torch.Tensor:
+        """R = Σ_k w_k·r_k of the reward functions, clipped as configured, minus `missing_eos_penalty` for a
+        completion cut at the length limit (global B,), NaN where unscorable."""
         rewards_per_func = self._rewards_per_func  # (global B, num_funcs), NaN where a function abstained
         weights = self.reward_weights.to(rewards_per_func.device)
         rewards = (rewards_per_func * weights).nansum(dim=1)
         rewards[rewards_per_func.isnan().all(dim=1)] = torch.nan
         if self.reward_clip_range:
             rewards = rewards.clamp(*self.reward_clip_range)
+        if self.args.missing_eos_penalty is not None:
+            rewards = rewards - self.args.missing_eos_penalty * gather(self._cut_off(output)).float()
         return rewards
+
+    def _cut_off(self, output) -> torch.Tensor:
+        """Whether each completion ended without EOS, cut at the length limit (B,)."""
+        completion_ids, lengths = output["completion_ids"], output["completion_mask"].sum(dim=1)
+        last = completion_ids.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
+        ended = torch.isin(last, torch.tensor(self.eos_token_ids, device=last.device))
+        return (lengths > 0) & ~ended
 
     def _per_token_kl(self, output, rollout_logps, input_ids, attention_mask, mode) -> torch.Tensor:
         """log π(a_t|s_t) − log π_ref(a_t|s_t) per completion token (B, C); zeros without a KL penalty."""

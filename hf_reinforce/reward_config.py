@@ -2,6 +2,8 @@ from dataclasses import dataclass
 
 from trl import RewardConfig as TRLRewardConfig
 
+from .config_defaults import resolve_device_defaults
+
 
 @dataclass
 class RewardConfig(TRLRewardConfig):
@@ -14,6 +16,7 @@ class RewardConfig(TRLRewardConfig):
     """
 
     def __post_init__(self):
+        resolve_device_defaults(self)
         super().__post_init__()
         # TRL accepts these values and then fails, or trains on nothing, far from the line that set them
         if self.max_length is not None and self.max_length < 1:

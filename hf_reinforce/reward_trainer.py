@@ -22,10 +22,12 @@ from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id
 
+from .checks import check_local_path
 from .losses import bradley_terry_loss
 from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
 from .reward_config import RewardConfig
+from .reward_models import record_reward_training
 
 
 CHOSEN_PROB_COLUMN = "chosen_prob"
@@ -154,6 +156,7 @@ class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
         quantization_config: "BitsAndBytesConfig | None" = None,
         peft_config: "PeftConfig | None" = None,
     ):
+        check_local_path(model, "model")
         if args is None:  # TRL would default to its own config, which skips our checks
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = RewardConfig(f"{model_name.split('/')[-1]}-Reward")
@@ -222,3 +225,9 @@ class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
                 self._metrics[mode][name].append(self.accelerator.gather_for_metrics(values.mean()).mean().item())
 
         return (loss, outputs) if return_outputs else loss
+
+    # Why: record how the base was quantised, so that `ReinforceTrainer` puts a saved adapter back onto the same
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        super().save_model(output_dir, _internal_call)
+        if self.args.should_save:
+            record_reward_training(self.accelerator.unwrap_model(self.model), output_dir or self.args.output_dir)

@@ -19,10 +19,33 @@ TINY_REINFORCE_RECIPE = RECIPES / "tiny" / "reinforce" / "config_qlora.yaml"
 
 
 def help_text(capsys, argv: list[str]) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 0
+    try:
+        code = cli.main(argv)
+    except SystemExit as exit_info:
+        code = exit_info.code
+    assert code == 0
     return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", cli.CACHED_HELP_COMMANDS)
+def test_shipped_help_matches_the_parser(command):
+    shipped = (cli.CACHED_HELP_DIR / f"{command}.txt").read_text()
+    assert shipped == cli.render_help(command), (
+        f"The shipped --help of `hf-reinforce {command}` is out of date; regenerate it with "
+        '`python -c "from hf_reinforce.cli import write_cached_help; write_cached_help()"`.'
+    )
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["reinforce", "--help"], ["reward", "-h"], ["demo", "--help"]])
+def test_help_needs_neither_torch_nor_trl(argv):
+    """Importing TRL takes seconds: help is answered from the package alone."""
+    code = (
+        "import sys\nfrom hf_reinforce import cli\n"
+        f"try:\n    cli.main({argv!r})\nexcept SystemExit:\n    pass\n"
+        "print(sorted({'torch', 'trl'} & set(sys.modules)))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip().endswith("[]"), result.stdout[-300:]
 
 
 def test_help_lists_every_command_and_example_commands(capsys):
@@ -161,3 +184,23 @@ def test_scripts_run_as_modules(script):
         [sys.executable, "-m", f"hf_reinforce.scripts.{script}", "--help"], capture_output=True, text=True, check=True
     )
     assert f"python -m hf_reinforce.scripts.{script} --config" in result.stdout
+
+
+def test_a_missing_local_model_folder_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(
+        FileNotFoundError, match=r"model_name_or_path='outputs/tiny/tiny-llama': no such file.*make-tiny"
+    ):
+        cli.main(["reward", "--config", str(TINY_REWARD_RECIPE)])
+
+
+def test_a_mistyped_flag_with_an_accelerate_config_gets_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli.main(["make-tiny", "--output_dir", "outputs/tiny"])
+    argv = ["reward", "--config", str(TINY_REWARD_RECIPE), "--accelerate_config", "ddp", "--lerning_rate", "1e-3"]
+    with pytest.raises(
+        SystemExit,
+        match="--lerning_rate: neither the reward script nor `accelerate launch` has this "
+        "flag. Did you mean --learning_rate?",
+    ):
+        cli.main(argv)

@@ -10,6 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bits
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
 from hf_reinforce.advantages import explained_variance
 from hf_reinforce.critic import MAX_CRITIC_WEIGHT, RunningMeans, slope
+from hf_reinforce.reward_models import unwrap_scorer
 from hf_reinforce.testing import EnumerableToy, build_tiny_tokenizer, make_preference_dataset, save_tiny_models
 
 
@@ -133,7 +134,7 @@ def last_token_values(trainer, texts: list[str]) -> tuple[torch.Tensor, torch.Te
     last = inputs["attention_mask"].sum(1) - 1
     with torch.no_grad():
         values = trainer.value_model(inputs["input_ids"], inputs["attention_mask"])
-        scores = trainer.reward_funcs[0](**inputs).logits[:, 0]
+        scores = unwrap_scorer(trainer.reward_funcs[0])(**inputs).logits[:, 0]
     return values[torch.arange(len(texts)), last], scores
 
 

@@ -381,3 +381,36 @@ def test_rloo_baseline_reproduces_trl_rloo_advantages_at_token_level(tmp_path, t
     mask = our_output["completion_mask"]
     torch.testing.assert_close(our_output["advantages"], trl_output["advantages"][:, None] * mask)
     assert trl_output["advantages"].abs().sum() > 0  # the check compares something
+
+
+def test_masked_truncated_completions_teach_neither_policy_nor_critic(tmp_path, abc_tokenizer):
+    special = [abc_tokenizer.pad_token_id, abc_tokenizer.bos_token_id, abc_tokenizer.unk_token_id]
+    args = config(
+        tmp_path,
+        mask_truncated_completions=True,
+        max_completion_length=3,
+        max_steps=1,
+        generation_kwargs={"suppress_tokens": special},  # a completion ends with EOS or is cut off
+    )
+    trainer = ReinforceTrainer(
+        model=build_tiny_causal_lm(abc_tokenizer, seed=1),
+        reward_funcs=count_a,
+        args=args,
+        train_dataset=PROMPTS,
+        processing_class=abc_tokenizer,
+    )
+    seen = {}
+    fit = trainer.critic.fit
+
+    def record(input_ids, attention_mask, returns, mask):
+        seen["mask"] = mask
+        return fit(input_ids, attention_mask, returns, mask)
+
+    trainer.critic.fit = record
+    trainer.create_optimizer_and_scheduler(num_training_steps=1)
+    trainer.model.train()
+    output = trainer._generate_and_score_completions([{"prompt": p} for p in ["ab"] * 4 + ["cab"] * 4])
+    ended = (output["completion_ids"] == abc_tokenizer.eos_token_id).any(dim=1)
+    assert (~ended).any() and ended.any()  # some completions were cut off at 3 tokens, some ended
+    assert (output["advantages"][~ended] == 0).all() and (seen["mask"][~ended] == 0).all()
+    assert (seen["mask"][ended].sum(dim=1) > 0).all()

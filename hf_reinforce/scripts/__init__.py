@@ -6,12 +6,35 @@ This module holds what both scripts share besides dataset loading (which lives i
 """
 
 import argparse
+import os
 
 from trl import TrlParser
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the line breaks of a script's description (its example commands) and shows every flag's default."""
+
+
+def cpu_threads_per_process() -> int:
+    """`OMP_NUM_THREADS` when set, else the cores this process may use (shared among the launched processes) less
+    one, at least one.
+
+    PyTorch's default, one thread per core in every process, oversubscribes a machine that runs anything else: each
+    operation's threads then wait for the slowest of them, and a step can take ten times as long.
+    """
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+        return max(1, int(os.environ["OMP_NUM_THREADS"]))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, cores // processes - 1)
+
+
+def set_cpu_threads() -> int:
+    import torch
+
+    threads = cpu_threads_per_process()
+    torch.set_num_threads(threads)
+    return threads
 
 
 def model_init_kwargs(model_args, training_args) -> dict:

@@ -34,10 +34,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from peft import LoraConfig, PeftModel  # noqa: E402
+from peft import LoraConfig  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 from transformers import (  # noqa: E402
-    AutoModelForSequenceClassification,
     BitsAndBytesConfig,
     ProgressCallback,
     set_seed,
@@ -45,6 +44,7 @@ from transformers import (  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer  # noqa: E402
+from hf_reinforce.reward_models import RewardModelScorer, load_reward_adapter  # noqa: E402
 from hf_reinforce.scripts import HelpFormatter  # noqa: E402
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, gold_reward  # noqa: E402
 
@@ -225,32 +225,14 @@ def train_reward_model(args: DemoArguments, base_model: str, pairs: Dataset, out
     return trainer
 
 
-def load_learned_reward(base_model: str, adapter_dir: Path, tokenizer):
-    """The saved QLoRA reward model as a REINFORCE reward function.
-
-    The adapter goes back on the same 4-bit base it was trained on, unmerged: merging it into a full-precision base
-    would score with weights the adapter never saw. It is wrapped in a function rather than passed to the trainer as
-    a model because the reward trainer scored `prompt + answer + EOS`, while TRL passes reward models the text
-    without EOS; the function appends it, so REINFORCE reads the reward where the model learned to write it.
-    """
-    base = AutoModelForSequenceClassification.from_pretrained(
-        base_model, num_labels=1, quantization_config=QUANTIZATION
-    )
-    model = PeftModel.from_pretrained(base, adapter_dir).eval()
-
-    @torch.no_grad()
-    def learned_reward(prompts: list[str], completions: list[str], **kwargs) -> list[float]:
-        texts = [prompt + completion + tokenizer.eos_token for prompt, completion in zip(prompts, completions)]
-        inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right")
-        return model(**inputs).logits[:, 0].tolist()
-
-    return learned_reward
-
-
-def reward_model_accuracy(reward_function, pairs: Dataset) -> float:
-    """How often the reward model ranks a held-out pair as the gold reward does."""
-    chosen = reward_function(pairs["prompt"], pairs["chosen"])
-    rejected = reward_function(pairs["prompt"], pairs["rejected"])
+def reward_model_accuracy(adapter_dir: Path, pairs: Dataset) -> float:
+    """How often the saved reward model ranks a held-out pair as the gold reward does, scored exactly as
+    `ReinforceTrainer` will score completions: the adapter back on its 4-bit base, each answer followed by EOS."""
+    model, tokenizer = load_reward_adapter(adapter_dir)
+    scorer = RewardModelScorer(model, tokenizer, [tokenizer.eos_token_id], name="reward_model")
+    finished = [[tokenizer.eos_token_id]] * len(pairs)  # the pairs are finished answers
+    chosen = scorer(prompts=pairs["prompt"], completions=pairs["chosen"], completion_ids=finished)
+    rejected = scorer(prompts=pairs["prompt"], completions=pairs["rejected"], completion_ids=finished)
     return sum(c > r for c, r in zip(chosen, rejected)) / len(pairs)
 
 
@@ -259,7 +241,7 @@ def gold(completions: list[str], **kwargs) -> list[float]:
     return [gold_reward(text) for text in completions]
 
 
-def build_reinforce_trainer(args: DemoArguments, base_model: str, reward_function, prompts: list[str], output_dir):
+def build_reinforce_trainer(args: DemoArguments, base_model: str, reward_model: Path, prompts: list[str], output_dir):
     config = ReinforceConfig(
         output_dir=str(output_dir),
         baseline="critic",  # default critic settings: a second adapter on the same 4-bit base
@@ -278,7 +260,8 @@ def build_reinforce_trainer(args: DemoArguments, base_model: str, reward_functio
     )
     trainer = ReinforceTrainer(
         model=base_model,
-        reward_funcs=[reward_function, gold],
+        # The saved reward adapter goes back onto its 4-bit base; the critic starts from it
+        reward_funcs=[str(reward_model), gold],
         args=config,
         train_dataset=Dataset.from_dict({"prompt": prompts}),
         quantization_config=QUANTIZATION,
@@ -385,11 +368,12 @@ def run(args: DemoArguments) -> dict:
 
     with stages.stage("reward model", "training the reward model (QLoRA)"):
         reward_trainer = train_reward_model(args, base_model, train_pairs, output_dir / "reward_model")
-        learned_reward = load_learned_reward(base_model, output_dir / "reward_model", tokenizer)
-        accuracy = reward_model_accuracy(learned_reward, held_out_pairs)
+        accuracy = reward_model_accuracy(output_dir / "reward_model", held_out_pairs)
 
     with stages.stage("reinforce", "REINFORCE with a critic (QLoRA)"):
-        trainer = build_reinforce_trainer(args, base_model, learned_reward, train_prompts, output_dir / "policy")
+        trainer = build_reinforce_trainer(
+            args, base_model, output_dir / "reward_model", train_prompts, output_dir / "policy"
+        )
         # The policy's LoRA adapter starts at zero: this samples the 4-bit base that REINFORCE starts from
         before = sample_completions(trainer.model, tokenizer, eval_prompts, args.samples_per_eval_prompt, args.seed)
         trainer.train()

@@ -13,15 +13,12 @@ Flags given with --config override the recipe's values, e.g. --baseline rloo --n
 """
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
-from peft import PeftConfig, PeftModel
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
-from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish
+from hf_reinforce.checks import check_local_path
+from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish, set_cpu_threads
 from hf_reinforce.scripts.data import eval_split, load_script_dataset
 
 
@@ -37,7 +34,7 @@ class ReinforceScriptArguments(ScriptArguments):
         metadata={
             "help": "Sequence-classification reward model scoring each prompt + completion: a Hub id, a folder saved "
             "with `save_pretrained`, or the LoRA adapter folder written by `hf-reinforce reward --use_peft` (its base "
-            "model is read from adapter_config.json). It is loaded with the policy's `dtype` and 4/8-bit settings."
+            "model is read from adapter_config.json and quantised as it was during reward training)."
         },
     )
     value_model_name_or_path: str | None = field(
@@ -50,65 +47,23 @@ class ReinforceScriptArguments(ScriptArguments):
     )
 
 
-def load_reward_model(
-    name_or_path: str, model_args: ModelConfig, training_args: ReinforceConfig
-) -> tuple[PreTrainedModel | PeftModel, PreTrainedTokenizerBase]:
-    """
-    Load a reward model and its tokenizer, loaded with the policy's `dtype` and quantization.
-
-    A LoRA adapter folder is applied to its base model. Without quantization the adapter is merged, giving a plain
-    model the trainer can place on each device; with 4/8-bit weights it stays a separate layer, because merging would
-    round the (small) LoRA update into the quantization grid.
-    """
-    quantization_config = get_quantization_config(model_args)
-    load_kwargs = dict(
-        num_labels=1,
-        trust_remote_code=training_args.trust_remote_code,
-        attn_implementation=model_args.attn_implementation,
-        dtype=model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype),
-    )
-    if quantization_config is not None:
-        # Quantized weights cannot be moved once loaded, so they go straight to this process's device.
-        load_kwargs.update(quantization_config=quantization_config, device_map={"": training_args.device})
-
-    folder = Path(name_or_path)
-    if (folder / "adapter_config.json").is_file():
-        base_name_or_path = PeftConfig.from_pretrained(name_or_path).base_model_name_or_path
-        base_model = AutoModelForSequenceClassification.from_pretrained(base_name_or_path, **load_kwargs)
-        model = PeftModel.from_pretrained(base_model, name_or_path)
-        if quantization_config is None:
-            model = model.merge_and_unload()
-        # An adapter saved without its tokenizer scores text tokenized like its base model.
-        has_tokenizer = (folder / "tokenizer_config.json").is_file()
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path if has_tokenizer else base_name_or_path)
-    else:
-        model = AutoModelForSequenceClassification.from_pretrained(name_or_path, **load_kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    # The reward is read at the last non-padding token, found through the config's pad token id.
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.eval()
-    return model, tokenizer
-
-
 def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig):
     if script_args.reward_model_name_or_path is None:
         raise ValueError("Set `reward_model_name_or_path`: REINFORCE needs a reward model to score the completions.")
+    for name in ("reward_model_name_or_path", "value_model_name_or_path", "dataset_name"):
+        check_local_path(getattr(script_args, name), name)
+    check_local_path(model_args.model_name_or_path, "model_name_or_path")
+    set_cpu_threads()
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
-    reward_model, reward_tokenizer = load_reward_model(
-        script_args.reward_model_name_or_path, model_args, training_args
-    )
     dataset = load_script_dataset(script_args)
     trainer = ReinforceTrainer(
         model=model_args.model_name_or_path,
-        reward_funcs=reward_model,
+        # A reward adapter goes back onto its base quantised as at training time; a full model loads as saved
+        reward_funcs=script_args.reward_model_name_or_path,
         args=training_args,
         train_dataset=dataset[script_args.dataset_train_split],
         eval_dataset=eval_split(dataset, script_args, training_args),
-        reward_processing_classes=reward_tokenizer,
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
         value_model=script_args.value_model_name_or_path,

@@ -14,7 +14,8 @@ Flags given with --config override the recipe's values, e.g. --learning_rate 5e-
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from hf_reinforce import RewardConfig, RewardTrainer
-from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish
+from hf_reinforce.checks import check_local_path
+from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish, set_cpu_threads
 from hf_reinforce.scripts.data import eval_split, load_script_dataset
 
 
@@ -25,6 +26,9 @@ def main(script_args: ScriptArguments, training_args: RewardConfig, model_args: 
         raise ValueError(
             f"A reward model trained with LoRA needs lora_task_type='SEQ_CLS' (got {model_args.lora_task_type!r})."
         )
+    check_local_path(model_args.model_name_or_path, "model_name_or_path")
+    check_local_path(script_args.dataset_name, "dataset_name")
+    set_cpu_threads()
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
     dataset = load_script_dataset(script_args)

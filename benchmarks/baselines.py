@@ -52,7 +52,7 @@ class Settings:
     beta: float = 0.05  # trl.RLOOConfig's default
 
 
-QUICK = Settings(steps=240, eval_every=6, eval_prompts=32, samples_per_eval_prompt=2)
+QUICK = Settings(steps=210, eval_every=6, eval_prompts=32, samples_per_eval_prompt=2)
 FULL = Settings(steps=300, eval_every=5, eval_prompts=64, samples_per_eval_prompt=2)
 
 

@@ -13,14 +13,14 @@ import math
 from pathlib import Path
 
 import torch
-from peft import PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel, get_scheduler
 
 from .advantages import critic_baseline, critic_weight_sums
 from .losses import value_loss
 from .quantization import keep_4bit_layers_differentiable
-from .reward_models import unwrap_scorer
+from .reward_models import SharedBaseRewardScorer, reward_adapter_weights, unwrap_scorer
 from .value_head import ValueHeadModel
 
 
@@ -247,12 +247,20 @@ class Critic:
 
 # ---- construction ----
 def reward_model_of(reward_funcs, accelerator) -> PreTrainedModel | PeftModel | None:
-    """The first reward function that is a model (possibly a PEFT model), unwrapped, or None."""
-    for reward_func in map(unwrap_scorer, reward_funcs):
+    """The first reward function that is a model of its own (possibly a PEFT model), unwrapped, or None."""
+    for reward_func in reward_funcs:
+        if isinstance(reward_func, SharedBaseRewardScorer):
+            continue  # its model is the policy; see `shared_reward_source`
+        reward_func = unwrap_scorer(reward_func)
         model = accelerator.unwrap_model(reward_func) if isinstance(reward_func, torch.nn.Module) else None
         if isinstance(model, PreTrainedModel | PeftModel):
             return model
     return None
+
+
+def shared_reward_source(reward_funcs):
+    """The folder or model of the first reward adapter that sits on the policy's base, or None."""
+    return next((f.source for f in reward_funcs if isinstance(f, SharedBaseRewardScorer)), None)
 
 
 def score_head_weight(reward_model) -> torch.Tensor | None:
@@ -282,21 +290,16 @@ def shares_base_weights(model_a, model_b) -> bool:
     return embeddings_a.shape == embeddings_b.shape and torch.equal(embeddings_a.cpu(), embeddings_b.cpu())
 
 
-def lora_state(peft_model: PeftModel) -> dict[str, torch.Tensor]:
-    """The adapter weights of a PEFT model's active adapter, without its saved modules (the score head)."""
-    state = get_peft_model_state_dict(peft_model, adapter_name=peft_model.active_adapter)
-    return {key: value for key, value in state.items() if "lora_" in key}
-
-
 def critic_lora_config(peft_config):
     lora_config = copy.deepcopy(peft_config)
     lora_config.task_type = None  # the critic's backbone is a bare decoder, not a causal LM or classifier
     lora_config.modules_to_save = None  # its head is the value head, not the reward model's score
+    lora_config.inference_mode = False  # a reward adapter loaded for scoring is frozen; the critic's copy trains
     return lora_config
 
 
-def copy_adapter(target: PeftModel, source: PeftModel, adapter_name: str) -> None:
-    result = set_peft_model_state_dict(target, lora_state(source), adapter_name=adapter_name)
+def load_adapter_weights(target: PeftModel, lora_weights: dict, adapter_name: str) -> None:
+    result = set_peft_model_state_dict(target, lora_weights, adapter_name=adapter_name)
     if result.unexpected_keys:
         raise ValueError(f"The reward model's adapter does not fit the critic: {result.unexpected_keys[:3]} ...")
 
@@ -330,9 +333,14 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
                 "critic_shares_base=True keeps policy and critic on one card; with several processes set "
                 "critic_shares_base=False so that the critic is its own data-parallel model."
             )
-        return _critic_adapter_on_policy(policy, reward_model, args, device)
-    if isinstance(reward_model, PeftModel):
-        return _critic_from_peft_reward_model(reward_model, args, device, quantization_config)
+        reward_source = shared_reward_source(reward_funcs)
+        if reward_source is None and isinstance(reward_model, PeftModel) and shares_base_weights(policy, reward_model):
+            reward_source = reward_model
+        return _critic_adapter_on_policy(policy, reward_source, args, device)
+    reward_adapter = shared_reward_source(reward_funcs) if value_model is None else None
+    if reward_adapter is not None or isinstance(reward_model, PeftModel):
+        source = reward_adapter if reward_adapter is not None else reward_model
+        return _critic_from_reward_adapter(source, args, device, quantization_config)
     source = reward_model if reward_model is not None else accelerator.unwrap_model(policy)
     if isinstance(source, PeftModel):
         source = source.get_base_model()
@@ -369,16 +377,16 @@ def _with_head_on(critic: ValueHeadModel, device) -> ValueHeadModel:
     return critic
 
 
-def _critic_adapter_on_policy(policy: PeftModel, reward_model, args, device) -> ValueHeadModel:
+def _critic_adapter_on_policy(policy: PeftModel, reward_source, args, device) -> ValueHeadModel:
     """The one-card critic: a second adapter on the policy's own base.
 
     Warm-started from a reward adapter on the same base when there is one (on the layers that adapter trains);
     otherwise it trains the top `critic_layers` decoder layers, and the forward of the layers below is the reference
     pass's.
     """
-    warm_start = isinstance(reward_model, PeftModel) and shares_base_weights(policy, reward_model)
-    if warm_start:
-        lora_config = critic_lora_config(reward_model.peft_config[reward_model.active_adapter])
+    if reward_source is not None:
+        peft_config, lora_weights, head_weight = reward_adapter_weights(reward_source)
+        lora_config = critic_lora_config(peft_config)
     else:
         lora_config = critic_lora_config(policy.peft_config["default"])
         num_layers = policy.config.get_text_config().num_hidden_layers
@@ -386,10 +394,10 @@ def _critic_adapter_on_policy(policy: PeftModel, reward_model, args, device) -> 
         if 0 < num_critic_layers < num_layers:
             lora_config.layers_to_transform = list(range(num_layers - num_critic_layers, num_layers))
     policy.add_adapter(CRITIC_ADAPTER, lora_config)
-    if warm_start:
-        copy_adapter(policy, reward_model, CRITIC_ADAPTER)
+    if reward_source is not None:
+        load_adapter_weights(policy, lora_weights, CRITIC_ADAPTER)
     policy.set_adapter("default")  # keeps the critic's adapter out of the policy optimizer
-    head_init = score_head_weight(reward_model) if warm_start else None
+    head_init = head_weight.detach().float().cpu() if reward_source is not None else None
     critic = _with_head_on(ValueHeadModel(policy, adapter_name=CRITIC_ADAPTER, head_init=head_init), device)
     if lora_config.layers_to_transform:
         critic.first_trained_layer = _checked_first_trained_layer(critic, min(lora_config.layers_to_transform))
@@ -411,13 +419,13 @@ def _checked_first_trained_layer(critic: ValueHeadModel, layer: int) -> int:
     return layer if torch.allclose(full, split, rtol=1e-4, atol=1e-4) else 0
 
 
-def _critic_from_peft_reward_model(reward_model: PeftModel, args, device, quantization_config) -> ValueHeadModel:
-    """A critic of its own from a PEFT reward model: its base (quantized as the policy), a trainable copy of its
-    adapter, and its score head."""
-    base_name = reward_model.peft_config[reward_model.active_adapter].base_model_name_or_path
+def _critic_from_reward_adapter(source, args, device, quantization_config) -> ValueHeadModel:
+    """A critic of its own from a reward adapter (a loaded PEFT reward model or its folder): its base (quantized as
+    the policy), a trainable copy of its adapter, and its score head."""
+    peft_config, lora_weights, head_weight = reward_adapter_weights(source)
     load_kwargs = {"num_labels": 1, **_load_kwargs(args, device, quantization_config)}
-    base = AutoModelForSequenceClassification.from_pretrained(base_name, **load_kwargs)
-    backbone = get_peft_model(base, critic_lora_config(reward_model.peft_config[reward_model.active_adapter]))
-    copy_adapter(backbone, reward_model, "default")
-    critic = ValueHeadModel(backbone, head_init=score_head_weight(reward_model))
+    base = AutoModelForSequenceClassification.from_pretrained(peft_config.base_model_name_or_path, **load_kwargs)
+    backbone = get_peft_model(base, critic_lora_config(peft_config))
+    load_adapter_weights(backbone, lora_weights, "default")
+    critic = ValueHeadModel(backbone, head_init=head_weight.detach().float().cpu())
     return _placed(critic, device, quantization_config)

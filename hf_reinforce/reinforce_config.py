@@ -61,6 +61,15 @@ class ReinforceConfig(RLOOConfig):
             "one. 0 trains every layer. Ignored when the critic starts from a reward adapter, whose layers it keeps."
         },
     )
+    reward_shares_base: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With a PEFT policy, put a reward model that is a LoRA adapter trained on the policy's base (with "
+            "the same quantization) on that base as a third, frozen adapter with its score head, instead of loading "
+            "a second copy of the base: policy, reference, critic and reward model then share one (4-bit) base. None "
+            "(the default) does so whenever it is possible, True requires it, False never does."
+        },
+    )
     critic_epochs: int = field(
         default=1,
         metadata={"help": "Optimizer steps of critic regression on each batch of rollouts."},

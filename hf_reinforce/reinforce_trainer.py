@@ -22,12 +22,19 @@ from .advantages import (
     whiten,
 )
 from .checks import check_local_path
-from .critic import CRITIC_ADAPTER, Critic, build_value_model
+from .critic import CRITIC_ADAPTER, Critic, build_value_model, shares_base_weights
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
 from .reinforce_config import ReinforceConfig
-from .reward_models import RewardModelScorer, resolve_reward_models
+from .reward_models import (
+    RewardModelScorer,
+    SharedBaseRewardScorer,
+    SharedRewardAdapter,
+    policy_base_name,
+    resolve_reward_models,
+    same_quantization,
+)
 
 
 VALUE_MODEL_DIR = "value_model"
@@ -92,8 +99,14 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         check_local_path(value_model, "value_model")
         for index, reward_func in enumerate(reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]):
             check_local_path(reward_func, f"reward_funcs[{index}]")
+        policy_base = policy_base_name(model, peft_config)
         reward_funcs, reward_processing_classes = resolve_reward_models(
-            reward_funcs, reward_processing_classes, quantization_config, args.model_init_kwargs, args.device
+            reward_funcs,
+            reward_processing_classes,
+            quantization_config,
+            args.model_init_kwargs,
+            args.device,
+            share_with=None if policy_base is None else (policy_base, args.reward_shares_base),
         )
         super().__init__(
             model=model,
@@ -125,8 +138,21 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         elif value_model is not None:
             raise ValueError(f"value_model is only used with baseline='critic', but baseline={args.baseline!r}.")
 
-    # Reward models score texts as `RewardTrainer` trained them, never a cut-off completion as if it had ended.
+    # Reward models score texts as `RewardTrainer` trained them, never a cut-off completion as if it had ended; a
+    # reward adapter trained on the policy's base joins it there rather than holding a second copy of the base.
     def _as_scorer(self, index: int, reward_func):
+        policy = self.accelerator.unwrap_model(self.model)
+        if isinstance(reward_func, SharedRewardAdapter) or self._joins_policy_base(reward_func, policy):
+            source = reward_func.adapter_dir if isinstance(reward_func, SharedRewardAdapter) else reward_func
+            tokenizer = reward_func.tokenizer if isinstance(reward_func, SharedRewardAdapter) else None
+            return SharedBaseRewardScorer(
+                policy,
+                source,
+                tokenizer or self.reward_processing_classes[index],
+                self.eos_token_ids,
+                name=self.reward_func_names[index],
+                batch_size=self.args.per_device_train_batch_size,
+            )
         if not isinstance(reward_func, torch.nn.Module):
             return reward_func
         if isinstance(reward_func, PeftModel) and not getattr(reward_func, "is_loaded_in_4bit", False):
@@ -138,6 +164,15 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
             name=self.reward_func_names[index],
             batch_size=self.args.per_device_train_batch_size,
         )
+
+    def _joins_policy_base(self, reward_func, policy) -> bool:
+        """A loaded reward `PeftModel` on the policy's own base weights, quantised alike, unless told otherwise."""
+        if self.args.reward_shares_base is False or not isinstance(policy, PeftModel):
+            return False
+        if not isinstance(reward_func, PeftModel) or not shares_base_weights(policy, reward_func):
+            return False
+        bases = (policy.get_base_model(), reward_func.get_base_model())
+        return same_quantization(*(getattr(base.config, "quantization_config", None) for base in bases))
 
     @property
     def value_model(self):

@@ -14,17 +14,30 @@ A path to a LoRA reward adapter, a path to a full or merged model, a loaded `Pef
    lower its reward).
 """
 
+import contextlib
+import copy
 import json
 from pathlib import Path
 
 import torch
-from peft import PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
 from .quantization import keep_4bit_layers_differentiable
 
 
 REWARD_TRAINING_FILE = "reward_training.json"
+REWARD_ADAPTER = "reward"
+# What must agree for two loads of a base to hold the same quantised weights
+QUANTIZATION_KEYS = (
+    "load_in_4bit",
+    "load_in_8bit",
+    "bnb_4bit_quant_type",
+    "bnb_4bit_use_double_quant",
+    "bnb_4bit_compute_dtype",
+    "bnb_4bit_quant_storage",
+)
 
 
 def record_reward_training(model, output_dir: str | Path) -> None:
@@ -79,9 +92,52 @@ def tokenizer_for(reward_model, index: int):
         ) from error
 
 
-def resolve_reward_models(reward_funcs, processing_classes, quantization_config, model_init_kwargs, device):
+def same_quantization(first, second) -> bool:
+    """Whether two quantization configs (or None for full precision) give the same weights when loading a base."""
+    if first is None or second is None:
+        return first is None and second is None
+    first, second = (q if isinstance(q, dict) else q.to_dict() for q in (first, second))
+    return all(str(first.get(key)) == str(second.get(key)) for key in QUANTIZATION_KEYS)
+
+
+def same_base(adapter_dir, policy_name_or_path) -> bool:
+    """Whether a reward adapter folder was trained on the policy's base checkpoint."""
+    base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    if not isinstance(policy_name_or_path, str | Path):
+        return False
+    if Path(base).exists() and Path(policy_name_or_path).exists():
+        return Path(base).resolve() == Path(policy_name_or_path).resolve()
+    return base == str(policy_name_or_path)
+
+
+def policy_base_name(model, peft_config) -> str | None:
+    """The base checkpoint of a policy that will be a PEFT model, None otherwise."""
+    if isinstance(model, PeftModel):
+        return model.peft_config[model.active_adapter].base_model_name_or_path
+    return str(model) if isinstance(model, str | Path) and peft_config is not None else None
+
+
+class SharedRewardAdapter:
+    """Stands in for a reward adapter folder that will sit on the policy's own base, until the policy exists."""
+
+    def __init__(self, adapter_dir, tokenizer):
+        self.adapter_dir, self.tokenizer = Path(adapter_dir), tokenizer
+        self.__name__ = self.adapter_dir.name
+
+    def __call__(self, **kwargs):
+        raise RuntimeError("A reward adapter for the policy's base was not attached to it; this is a bug.")
+
+
+def resolve_reward_models(
+    reward_funcs, processing_classes, quantization_config, model_init_kwargs, device, share_with=None
+):
     """Reward functions and processing classes with every reward adapter path loaded as it was trained and every
-    `PeftModel` given its tokenizer (paths of full models are left for TRL, which loads them as they were saved)."""
+    `PeftModel` given its tokenizer (paths of full models are left for TRL, which loads them as they were saved).
+
+    `share_with` is `(policy name or path, reward_shares_base)` when the policy will be a PEFT model: an adapter folder
+    trained on that same base with the same quantization then becomes a `SharedRewardAdapter`, to be attached to the
+    policy's base instead of loading a second copy of it.
+    """
     reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
     if processing_classes is None:
         processing_classes = [None] * len(reward_funcs)
@@ -95,6 +151,11 @@ def resolve_reward_models(reward_funcs, processing_classes, quantization_config,
         )
     for index, reward_func in enumerate(reward_funcs):
         if is_adapter_folder(reward_func):
+            if shares_policy_base(reward_func, quantization_config, share_with, index):
+                tokenizer = processing_classes[index] or adapter_tokenizer(reward_func)
+                reward_funcs[index] = SharedRewardAdapter(reward_func, tokenizer)
+                processing_classes[index] = None  # TRL passes plain functions no processing class
+                continue
             reward_funcs[index], tokenizer = load_reward_adapter(
                 reward_func, quantization_config, model_init_kwargs, device
             )
@@ -102,6 +163,32 @@ def resolve_reward_models(reward_funcs, processing_classes, quantization_config,
         elif isinstance(reward_funcs[index], PeftModel) and processing_classes[index] is None:
             processing_classes[index] = tokenizer_for(reward_funcs[index], index)
     return reward_funcs, processing_classes
+
+
+def shares_policy_base(adapter_dir, quantization_config, share_with, index: int) -> bool:
+    """Apply `reward_shares_base`: None shares when possible, True requires it, False never shares."""
+    if share_with is None:
+        wanted = False
+        possible, why = False, "the policy is not a PEFT model (give a `peft_config`)"
+    else:
+        policy, wanted = share_with
+        same = same_base(adapter_dir, policy)
+        recorded = training_quantization(adapter_dir, quantization_config)
+        quantized_alike = same_quantization(recorded, quantization_config)
+        possible = same and quantized_alike
+        why = "it was trained on another base" if not same else "its base was quantised otherwise than the policy's"
+    if wanted is True and not possible:
+        raise ValueError(
+            f"reward_shares_base=True, but the reward adapter reward_funcs[{index}]={str(adapter_dir)!r} cannot sit "
+            f"on the policy's base: {why}. Set reward_shares_base=None (share when possible) or False."
+        )
+    return possible and wanted is not False
+
+
+def adapter_tokenizer(adapter_dir):
+    has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
+    base = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
+    return AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer else base)
 
 
 class RewardModelScorer:
@@ -149,7 +236,7 @@ class RewardModelScorer:
         texts = self.texts(prompts, completions, self.finished(completion_ids))
         # Chat templates carry their own special tokens; plain text gets the tokenizer's, as in `RewardTrainer`
         add_special_tokens = not isinstance(prompts[0], list)
-        device = next(self.model.parameters()).device
+        device = self.model.get_input_embeddings().weight.device
         rewards = []
         for start in range(0, len(texts), self.batch_size):
             inputs = self.tokenizer(
@@ -159,8 +246,79 @@ class RewardModelScorer:
                 add_special_tokens=add_special_tokens,
                 return_tensors="pt",
             ).to(device)
-            rewards += self.model(**inputs).logits[:, 0].float().tolist()
+            rewards += self.scores(inputs).float().tolist()
         return rewards
+
+    def scores(self, inputs) -> torch.Tensor:
+        """The reward of each row of a tokenized batch (batch,)."""
+        return self.model(**inputs).logits[:, 0]
+
+
+class SharedBaseRewardScorer(RewardModelScorer):
+    """A reward model that is an adapter (`reward`) and a score head on the policy's own base: one quantised base for
+    policy, reference, critic and reward model. It computes what the reward model loaded on its own would: the
+    decoder with the reward adapter active, the score head, read at the last non-padding token."""
+
+    def __init__(self, policy: PeftModel, source, tokenizer, eos_token_ids, name: str, batch_size: int = 8):
+        self.source = source  # the reward adapter folder or model, which a critic may start from
+        self.score_head = attach_reward_adapter(policy, source)
+        super().__init__(policy, tokenizer, eos_token_ids, name, batch_size)
+
+    def scores(self, inputs) -> torch.Tensor:
+        with active_adapter(self.model, REWARD_ADAPTER):
+            decoder = self.model.get_base_model().base_model
+            hidden = decoder(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).last_hidden_state
+        logits = self.score_head(hidden.to(self.score_head.weight.dtype)).squeeze(-1)  # (batch, seq)
+        # as transformers' sequence classifiers pool: the last position that is not the pad token
+        not_pad = (inputs["input_ids"] != self.tokenizer.pad_token_id).int()
+        last = (torch.arange(not_pad.size(1), device=not_pad.device) * not_pad).argmax(-1)
+        return logits[torch.arange(len(logits), device=logits.device), last]
+
+
+@contextlib.contextmanager
+def active_adapter(model: PeftModel, adapter_name: str):
+    previous = model.active_adapter
+    model.set_adapter(adapter_name)
+    try:
+        yield
+    finally:
+        model.set_adapter(previous)
+
+
+def reward_adapter_weights(source) -> tuple[object, dict[str, torch.Tensor], torch.Tensor]:
+    """(LoRA config, LoRA weights, score-head weight) of a reward adapter folder or a loaded reward `PeftModel`."""
+    if isinstance(source, PeftModel):
+        config = source.peft_config[source.active_adapter]
+        state = get_peft_model_state_dict(source, adapter_name=source.active_adapter)
+    else:
+        config = PeftConfig.from_pretrained(str(source))
+        state = load_file(Path(source) / "adapter_model.safetensors")
+    head = [value for key, value in state.items() if key.endswith((".score.weight", ".classifier.weight"))]
+    if len(head) != 1 or head[0].size(0) != 1:
+        raise ValueError(
+            f"The reward adapter {source} holds no one-output score head (saved in `modules_to_save`) to score with."
+        )
+    return config, {key: value for key, value in state.items() if "lora_" in key}, head[0]
+
+
+def attach_reward_adapter(policy: PeftModel, source) -> torch.nn.Linear:
+    """Add a reward adapter to the policy's base as a frozen adapter named `reward`; return its score head."""
+    config, lora_weights, head_weight = reward_adapter_weights(source)
+    config = copy.deepcopy(config)
+    config.task_type, config.modules_to_save, config.inference_mode = None, None, True
+    policy.add_adapter(REWARD_ADAPTER, config)
+    result = set_peft_model_state_dict(policy, lora_weights, adapter_name=REWARD_ADAPTER)
+    if result.unexpected_keys:
+        raise ValueError(f"The reward adapter does not fit the policy's base: {result.unexpected_keys[:3]} ...")
+    policy.set_adapter("default")  # the policy's adapter stays the trained one
+    for name, parameter in policy.named_parameters():
+        if f".{REWARD_ADAPTER}." in name:
+            parameter.requires_grad_(False)
+    device = policy.get_input_embeddings().weight.device
+    head = torch.nn.Linear(head_weight.size(1), 1, bias=False, dtype=torch.float32, device=device)
+    with torch.no_grad():
+        head.weight.copy_(head_weight)
+    return head.requires_grad_(False)
 
 
 def unwrap_scorer(reward_func):

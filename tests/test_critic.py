@@ -10,7 +10,6 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bits
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
 from hf_reinforce.advantages import explained_variance
 from hf_reinforce.critic import MAX_CRITIC_WEIGHT, RunningMeans, slope
-from hf_reinforce.reward_models import unwrap_scorer
 from hf_reinforce.testing import EnumerableToy, build_tiny_tokenizer, make_preference_dataset, save_tiny_models
 
 
@@ -134,7 +133,7 @@ def last_token_values(trainer, texts: list[str]) -> tuple[torch.Tensor, torch.Te
     last = inputs["attention_mask"].sum(1) - 1
     with torch.no_grad():
         values = trainer.value_model(inputs["input_ids"], inputs["attention_mask"])
-        scores = unwrap_scorer(trainer.reward_funcs[0])(**inputs).logits[:, 0]
+        scores = trainer.reward_funcs[0].scores(inputs)
     return values[torch.arange(len(texts)), last], scores
 
 
@@ -172,6 +171,11 @@ def test_critic_starts_as_a_4bit_reward_adapter(tmp_path, tiny_paths, shares_bas
     assert (trainer.value_model.backbone is trainer.model) == shares_base
     values, scores = last_token_values(trainer, TEXTS)
     torch.testing.assert_close(values, scores, atol=1e-2, rtol=1e-2)  # 4-bit kernels of two models differ slightly
+    # the copy trains, although the reward adapter was loaded frozen (PEFT's inference mode)
+    critic_parameters = trainer.value_model.trainable_parameters()
+    before = [parameter.detach().clone() for parameter in critic_parameters]
+    trainer.train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, critic_parameters))
 
 
 def test_warm_start_from_the_reward_model_learns_faster_than_a_cold_start(tmp_path):

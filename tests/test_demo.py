@@ -19,7 +19,9 @@ SAVED_FILES = (
     "reward_model/adapter_config.json",
     "policy/adapter_config.json",
     "policy/value_model/value_head.safetensors",
+    "policy/critic/adapter_config.json",  # the critic's adapter, beside the policy's on their shared base
 )
+DOCS = Path(__file__).resolve().parent.parent / "docs" / "demo.md"
 
 
 def run_demo(monkeypatch, output_dir: Path, *flags: str) -> dict:
@@ -49,9 +51,17 @@ def test_quick_demo_writes_every_output_and_repeats_itself(tmp_path, monkeypatch
     assert results(repeated) == results(summary)
 
 
+def documented_seed0() -> list[float]:
+    """The seed-0 row of docs/demo.md's results table: gold before and after, RM accuracy, critic EV."""
+    row = next(line for line in DOCS.read_text().splitlines() if line.startswith("| 0 (default) |"))
+    return [float(cell) for cell in row.strip("|").split("|")[1:5]]
+
+
 @pytest.mark.slow
-def test_demo_raises_the_gold_reward(tmp_path, monkeypatch):
+def test_demo_raises_the_gold_reward_as_documented(tmp_path, monkeypatch):
     summary = run_demo(monkeypatch, tmp_path)
     check_outputs(tmp_path, summary)
     print({key: summary[key] for key in SUMMARY_KEYS})
     assert summary["gold_reward_after"] > summary["gold_reward_before"]
+    for key, documented in zip(SUMMARY_KEYS, documented_seed0(), strict=True):
+        assert summary[key] == pytest.approx(documented, rel=0.1), f"docs/demo.md quotes {key}={documented}"

@@ -8,7 +8,12 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
-from hf_reinforce.reward_models import REWARD_TRAINING_FILE, RewardModelScorer, unwrap_scorer
+from hf_reinforce.reward_models import (
+    REWARD_TRAINING_FILE,
+    RewardModelScorer,
+    SharedBaseRewardScorer,
+    unwrap_scorer,
+)
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, make_preference_dataset
 
 
@@ -219,3 +224,54 @@ def test_cpu_defaults_build_configs_and_trainers(tmp_path, full_reward):
     assert RewardConfig(str(tmp_path)).bf16 is False and ReinforceConfig(str(tmp_path)).bf16 is False
     RewardTrainer(model=base, train_dataset=make_preference_dataset(8))
     ReinforceTrainer(model=base, reward_funcs=str(folder), train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
+
+
+def quantized_weights(model) -> set[int]:
+    """The storage of every 4-bit weight a model holds."""
+    return {p.data_ptr() for p in model.parameters() if p.__class__.__name__ == "Params4bit"}
+
+
+def test_reward_adapter_on_the_policys_base_is_one_set_of_weights_scoring_alike(tmp_path, qlora_reward):
+    base, adapter, reward_trainer = qlora_reward
+    args = ReinforceConfig(
+        output_dir=str(tmp_path), per_device_train_batch_size=4, num_generations=2, max_steps=1, report_to="none"
+    )
+    trainer = ReinforceTrainer(
+        model=base,
+        reward_funcs=str(adapter),
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
+        quantization_config=NF4,
+        peft_config=LoraConfig(**LORA),
+    )
+    scorer, policy = trainer.reward_funcs[0], trainer.model
+    assert isinstance(scorer, SharedBaseRewardScorer) and scorer.model is policy
+    assert set(policy.peft_config) == {"default", "reward", "critic"}
+    assert trainer.value_model.backbone is policy  # policy, reference (adapters off), critic and reward model
+    assert len(quantized_weights(policy)) > 0 and quantized_weights(trainer.value_model) == quantized_weights(policy)
+    ids = finished_ids(scorer.tokenizer, COMPLETIONS)
+    shared = torch.tensor(scorer(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=ids))
+    torch.testing.assert_close(shared, own_scores(reward_trainer, PROMPTS, COMPLETIONS), atol=1e-4, rtol=0)
+    # the critic starts from the reward adapter, and the policy's own adapter is what trains
+    reward_before = {n: p.clone() for n, p in policy.named_parameters() if ".reward." in n}
+    trainer.train()
+    assert all(torch.equal(p, reward_before[n]) for n, p in policy.named_parameters() if ".reward." in n)
+    after = torch.tensor(scorer(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=ids))
+    torch.testing.assert_close(after, shared)  # training the policy and critic leaves the reward model as it was
+
+
+def test_reward_shares_base_can_be_refused_or_required(tmp_path, qlora_reward):
+    base, adapter, _ = qlora_reward
+    kwargs = {
+        "model": base,
+        "reward_funcs": str(adapter),
+        "train_dataset": Dataset.from_dict({"prompt": PROMPTS}),
+        "peft_config": LoraConfig(**LORA),
+    }
+    settings = {"output_dir": str(tmp_path), "per_device_train_batch_size": 4, "num_generations": 2}
+    separate = ReinforceTrainer(
+        args=ReinforceConfig(**settings, reward_shares_base=False), quantization_config=NF4, **kwargs
+    )
+    assert not isinstance(separate.reward_funcs[0], SharedBaseRewardScorer)
+    with pytest.raises(ValueError, match="reward_shares_base=True.*quantised otherwise"):
+        ReinforceTrainer(args=ReinforceConfig(**settings, reward_shares_base=True), **kwargs)  # a full-precision base

@@ -244,7 +244,10 @@ def gold(completions: list[str], **kwargs) -> list[float]:
 def build_reinforce_trainer(args: DemoArguments, base_model: str, reward_model: Path, prompts: list[str], output_dir):
     config = ReinforceConfig(
         output_dir=str(output_dir),
-        baseline="critic",  # default critic settings: a second adapter on the same 4-bit base
+        baseline="critic",  # default critic settings: an adapter on the same 4-bit base, from the reward adapter
+        # The reward model learned on finished sentences; one cut off at 24 characters has no score it was trained
+        # to give, so it teaches nothing (TRL's option; `missing_eos_penalty` would be the other way)
+        mask_truncated_completions=True,
         learning_rate=args.reinforce_learning_rate,
         lr_scheduler_type="constant",
         beta=args.beta,

@@ -116,12 +116,15 @@ def sized_tokenizer(vocab_size: int):
     return build_tiny_tokenizer(CHARACTERS + "".join(chr(FIRST_EXTRA_CHARACTER + i) for i in range(extra)))
 
 
-def save_models(size: str, directory: Path, dtype: str, max_positions: int) -> dict[str, str]:
+MODEL_ROLES = ("policy", "reward_model", "reward_adapter")
+
+
+def save_models(size: str, directory: Path, dtype: str, max_positions: int, lora_r: int) -> dict[str, str]:
     """A random-weight policy and reward model of a size, with their tokenizer, under `directory`."""
     config = size_config(size)
     tokenizer = sized_tokenizer(config["vocab_size"])
     overrides = {**config, "max_position_embeddings": max_positions}
-    paths = {role: directory / f"{size}-{role}" for role in ("policy", "reward_model")}
+    paths = {role: directory / f"{size}-{role}" for role in MODEL_ROLES}
     # other weights than the policy's: the shared critic does not start from the reward adapter
     for role, model in (
         ("policy", lambda: build_tiny_causal_lm(tokenizer, seed=0, **overrides)),
@@ -129,6 +132,7 @@ def save_models(size: str, directory: Path, dtype: str, max_positions: int) -> d
     ):
         model().to(getattr(torch, dtype)).save_pretrained(paths[role])
         tokenizer.save_pretrained(paths[role])
+    save_reward_adapter(paths, lora_r, dtype)
     return {role: str(path) for role, path in paths.items()}
 
 
@@ -177,6 +181,19 @@ def load_reward_model(spec: dict, device: str, quantized: bool):
     return get_peft_model(model, lora(spec, task_type="SEQ_CLS")).eval().requires_grad_(False)
 
 
+def save_reward_adapter(paths: dict[str, Path], lora_r: int, dtype: str) -> None:
+    """A reward adapter on the policy's own base, saved as `RewardTrainer` saves one (with the record of its base's
+    4-bit quantization): what the one-base layout puts on the policy's base instead of loading a second base."""
+    from hf_reinforce.reward_models import record_reward_training
+
+    base = AutoModelForSequenceClassification.from_pretrained(paths["policy"], num_labels=1)
+    model = get_peft_model(base, lora({"lora_r": lora_r}, task_type="SEQ_CLS"))
+    model.save_pretrained(paths["reward_adapter"])
+    AutoTokenizer.from_pretrained(paths["policy"]).save_pretrained(paths["reward_adapter"])
+    base.config.quantization_config = quantization(dtype)  # the base's loading, as a recorded training had it
+    record_reward_training(model, paths["reward_adapter"])
+
+
 def training_config(spec: dict, device: str, output_dir: str, config_class, **fields):
     return config_class(
         output_dir=output_dir,
@@ -212,7 +229,10 @@ def build_trainer(spec: dict, device: str, output_dir: str):
     dataset = Dataset.from_dict({"prompt": prompts(tokenizer, spec["prompt_length"], spec["num_prompts"])})
     kwargs = {
         "model": spec["paths"]["policy"],
-        "reward_funcs": load_reward_model(spec, device, quantized),
+        # one-base: an adapter on the policy's base, given as its folder, as a reward recipe leaves it
+        "reward_funcs": spec["paths"]["reward_adapter"]
+        if layout == "one-base"
+        else load_reward_model(spec, device, quantized),
         "train_dataset": dataset,
         "processing_class": tokenizer,
         "reward_processing_classes": tokenizer,
@@ -223,8 +243,7 @@ def build_trainer(spec: dict, device: str, output_dir: str):
         return RLOOTrainer(args=training_config(spec, device, output_dir, RLOOConfig), **kwargs)
     fields = {"baseline": "critic", "critic_layers": spec["critic_layers"]}
     fields["critic_shares_base"] = layout in ("shared-critic", "one-base")
-    if layout == "one-base":
-        fields["reward_shares_base"] = True
+    fields["reward_shares_base"] = layout == "one-base"
     trainer = ReinforceTrainer(args=training_config(spec, device, output_dir, ReinforceConfig, **fields), **kwargs)
     if layout == "ppo":
         reference = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=getattr(torch, dtype))
@@ -569,7 +588,7 @@ def main():
         spec = json.loads(Path(args.worker).read_text())
         if spec["task"] == "save":
             torch.set_num_threads(spec["threads"])
-            save_models(spec["size"], Path(spec["directory"]), spec["dtype"], spec["max_positions"])
+            save_models(spec["size"], Path(spec["directory"]), spec["dtype"], spec["max_positions"], spec["lora_r"])
             result = {"spec": spec, "status": "ok"}
         else:
             result = run_configuration(spec)
@@ -616,16 +635,19 @@ def base_spec(args) -> dict:
 def prepare_models(args, work_dir: Path) -> dict[str, dict]:
     """Per size (or the local model): the paths of policy and reward model and the prompts' length in tokens."""
     if args.model_path:
-        named = {Path(args.model_path).name: {"policy": args.model_path, "reward_model": args.model_path}}
+        reward_adapter = work_dir / "reward_adapter"
+        paths = {"policy": args.model_path, "reward_model": args.model_path, "reward_adapter": reward_adapter}
+        save_reward_adapter(paths, args.lora_r, args.dtype)
+        named = {Path(args.model_path).name: {role: str(path) for role, path in paths.items()}}
     else:
         named = {}
         for size in args.sizes:  # in a process of its own, so that building it leaves no memory behind here
-            spec = {"task": "save", "size": size, "directory": str(work_dir), "dtype": args.dtype}
+            spec = {"task": "save", "size": size, "directory": str(work_dir), "dtype": args.dtype, "lora_r": args.lora_r}
             spec.update(max_positions=args.prompt_length + args.max_completion_length + 8, threads=args.threads)
             saved = run_subprocess(spec, work_dir, args.timeout)
             if saved["status"] != "ok":
                 raise SystemExit(f"Building the {size} models failed: {saved['status']}")
-            named[size] = {role: str(work_dir / f"{size}-{role}") for role in ("policy", "reward_model")}
+            named[size] = {role: str(work_dir / f"{size}-{role}") for role in MODEL_ROLES}
     models = {}
     for name, paths in named.items():
         tokenizer = AutoTokenizer.from_pretrained(paths["policy"])

@@ -85,10 +85,7 @@ class Critic:
     def __init__(self, model: ValueHeadModel, args, accelerator):
         self.model, self.args, self.accelerator = model, args, accelerator
         keep_4bit_layers_differentiable(model)
-        self.module = model.train()
-        if accelerator.num_processes > 1:
-            device_ids = [accelerator.device] if accelerator.device.type == "cuda" else None
-            self.module = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        model.train()
         self.optimizer = self.scheduler = None
         self._layer_inputs = []
         self.returns = RunningMeans(("mean", "square"))
@@ -122,7 +119,7 @@ class Critic:
         """(V(s_t) − mean)/std for each completion token a_t of the rows; s_t ends at position t − 1."""
         completion_start = input_ids.size(1) - completion_length - 1  # the prompt's last position
         rows_input = None if layer_input is None else layer_input[rows]
-        values = self.module(
+        values = self.model(
             input_ids[rows], attention_mask[rows], completion_start, normalized=True, layer_input=rows_input
         )  # (rows, P+C)
         return values[:, -completion_length - 1 : -1].float()  # (rows, C): column 0 is V(s_0), the prompt's value
@@ -196,10 +193,23 @@ class Critic:
 
     def _step(self) -> None:
         parameters = self.optimizer.param_groups[0]["params"]
+        self._average_gradients_over_processes(parameters)
         if self.args.critic_max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+
+    # Why not DistributedDataParallel: its reducer hooks fire per backward and per bucket, so a chunk count, an unused
+    # parameter or a no-grad forward that differs between processes leaves one process waiting forever. Every process
+    # takes the same optimizer steps, so one flat all-reduce per step is all the synchronisation the critic needs.
+    def _average_gradients_over_processes(self, parameters) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+        flat = torch.cat([g.reshape(-1).float() for g in grads])
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        for parameter, grad in zip(parameters, torch.split(flat, [g.numel() for g in grads])):
+            parameter.grad = grad.view_as(parameter).to(parameter.dtype)
 
     # ---- baselines ----
     def weight(self, warming_up: bool = False) -> float:

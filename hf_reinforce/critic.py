@@ -13,17 +13,21 @@ import math
 from pathlib import Path
 
 import torch
+from accelerate.utils import broadcast
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel, get_scheduler
+from transformers.utils import logging
 
 from .advantages import critic_baseline, critic_weight_sums
+from .engines import engine_shards_base, launched_engine, outside_zero3_init
 from .losses import value_loss
 from .quantization import keep_4bit_layers_differentiable
 from .reward_models import SharedBaseRewardScorer, reward_adapter_weights, unwrap_scorer
 from .value_head import ValueHeadModel
 
 
+logger = logging.get_logger(__name__)
 CRITIC_ADAPTER = "critic"
 CRITIC_STATE = "critic_state.safetensors"
 CRITIC_OPTIMIZER = "critic_optimizer.pt"
@@ -90,9 +94,15 @@ class Critic:
         self._layer_inputs = []
         self.returns = RunningMeans(("mean", "square"))
         self.weight_fit = RunningMeans(("xy", "xx", "yy"))  # see `advantages.critic_weight_sums`
+        self.num_skipped_updates = 0  # optimizer steps of the last `fit` skipped for non-finite gradients
 
     def create_optimizer(self, num_updates: int) -> None:
-        self.optimizer = torch.optim.AdamW(self.model.trainable_parameters(), lr=self.args.critic_learning_rate)
+        self._broadcast_from_main_process()
+        # The centred value loss is blind to V's level, so the head's bias would get rounding noise for a gradient,
+        # which Adam turns into steps of either sign (different on every process count); `_shift_level` sets it.
+        self.model.value_head.bias.requires_grad_(False)
+        fitted = [p for p in self.model.trainable_parameters() if p is not self.model.value_head.bias]
+        self.optimizer = torch.optim.AdamW(fitted, lr=self.args.critic_learning_rate)
         self.scheduler = get_scheduler(
             self.args.lr_scheduler_type, self.optimizer, num_warmup_steps=0, num_training_steps=num_updates
         )
@@ -142,7 +152,7 @@ class Critic:
     def _update_return_statistics(self, returns: torch.Tensor, mask: torch.Tensor) -> None:
         stats = torch.stack([(returns * mask).sum(), (returns.square() * mask).sum(), mask.sum()]).double()
         total, square, count = self.accelerator.reduce(stats, reduction="sum").tolist()
-        if count == 0:
+        if count == 0 or not math.isfinite(square):  # returns too large to square stay out of the statistics
             return
         self.returns.update(torch.tensor([total / count, square / count]))
         mean = self.returns["mean"]
@@ -160,13 +170,16 @@ class Critic:
         layer_input = self._take_layer_input(len(input_ids))
         self._update_return_statistics(returns, mask)  # output-preserving: the values are still those before fitting
         targets = (returns - self.model.return_mean) / self.model.return_std  # (B, C)
-        num_tokens = mask.sum().clamp(min=1)
+        # Each process weighs its rows by the tokens of all processes, so the summed gradients are the global mean's
+        num_tokens = self.accelerator.reduce(mask.sum().float(), reduction="sum").clamp(min=1)
         baseline_values, losses = [], []
+        self.num_skipped_updates = 0
         # The backward pass must see the critic's adapter too: activation checkpointing recomputes the forward there
         with self.model.critic_adapter():
             for epoch in range(self.args.critic_epochs):
                 # One optimizer step per epoch, its gradient accumulated over chunks, so every row's baseline values
                 # come from the critic as it was before this batch
+                first_loss = len(losses)
                 for rows in self._row_chunks(len(input_ids)):
                     normalized = self._normalized_rows(input_ids, attention_mask, rows, returns.size(1), layer_input)
                     if epoch == 0:
@@ -175,11 +188,13 @@ class Critic:
                     loss = loss * (mask[rows].sum() / num_tokens)
                     loss.backward()
                     losses.append(loss.detach())
-                self._step()
+                self.num_skipped_updates += not self._step(torch.stack(losses[first_loss:]).sum())
         self.scheduler.step()
         values = torch.cat(baseline_values)  # (B, C), normalised, before fitting
-        self._shift_level(targets, values, mask)
-        mean_loss = torch.stack(losses).sum().item() / self.args.critic_epochs  # one device sync per batch
+        if self.num_skipped_updates == 0:
+            self._shift_level(targets, values, mask)
+        total_loss = self.accelerator.reduce(torch.stack(losses).sum(), reduction="sum")  # one sync per batch
+        mean_loss = total_loss.item() / self.args.critic_epochs
         return self.model.denormalize(values), mean_loss
 
     @torch.no_grad()
@@ -191,25 +206,46 @@ class Critic:
         if count > 0:
             self.model.value_head.bias.add_(error_sum / count)
 
-    def _step(self) -> None:
+    def _step(self, loss: torch.Tensor) -> bool:
+        """One optimizer step on the accumulated gradients; False, and no step, when the loss or the gradients are not
+        finite (returns of ±1e30 overflow the squared error). A non-finite loss poisons the gradients before they are
+        summed over processes, so that every process skips alike, without a synchronisation of its own."""
         parameters = self.optimizer.param_groups[0]["params"]
-        self._average_gradients_over_processes(parameters)
-        if self.args.critic_max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)
-        self.optimizer.step()
+        loss_is_finite = torch.where(torch.isfinite(loss), 1.0, torch.nan)
+        for parameter in parameters:
+            if parameter.grad is not None:
+                parameter.grad.mul_(loss_is_finite.to(parameter.grad.dtype))
+        self._sum_gradients_over_processes(parameters)
+        finite = all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)
+        if finite:
+            if self.args.critic_max_grad_norm > 0:
+                torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return finite
 
     # Why not DistributedDataParallel: its reducer hooks fire per backward and per bucket, so a chunk count, an unused
     # parameter or a no-grad forward that differs between processes leaves one process waiting forever. Every process
-    # takes the same optimizer steps, so one flat all-reduce per step is all the synchronisation the critic needs.
-    def _average_gradients_over_processes(self, parameters) -> None:
+    # takes the same optimizer steps, so one flat all-reduce per step is all the synchronisation the critic needs. The
+    # sum is the global batch's gradient: `fit` divides each process's loss by the token count of all processes.
+    def _sum_gradients_over_processes(self, parameters) -> None:
         if self.accelerator.num_processes == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
         flat = torch.cat([g.reshape(-1).float() for g in grads])
-        flat = self.accelerator.reduce(flat, reduction="mean")
+        flat = self.accelerator.reduce(flat, reduction="sum")
         for parameter, grad in zip(parameters, torch.split(flat, [g.numel() for g in grads])):
             parameter.grad = grad.view_as(parameter).to(parameter.dtype)
+
+    # Every process starts from the main process's critic, whatever each drew for its fresh LoRA and head weights.
+    @torch.no_grad()
+    def _broadcast_from_main_process(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        parameters = self.model.trainable_parameters()
+        flat = broadcast(torch.cat([p.detach().reshape(-1).float() for p in parameters]), from_process=0)
+        for parameter, value in zip(parameters, torch.split(flat, [p.numel() for p in parameters])):
+            parameter.copy_(value.view_as(parameter))
 
     # ---- baselines ----
     def weight(self, warming_up: bool = False) -> float:
@@ -337,12 +373,12 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
             f"value_model must be a path, a transformers/PEFT model or a ValueHeadModel; got {type(value_model)}."
         )
     reward_model = reward_model_of(reward_funcs, accelerator) if value_model is None else None
-    if value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base:
-        if accelerator.num_processes > 1:
-            raise ValueError(
-                "critic_shares_base=True keeps policy and critic on one card; with several processes set "
-                "critic_shares_base=False so that the critic is its own data-parallel model."
-            )
+    if value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base and engine_shards_base():
+        logger.warning(
+            f"{launched_engine()} shards the policy's base over the processes, so the critic cannot be an adapter on "
+            "it: it is a model of its own, whole on every process (critic_shares_base is ignored)."
+        )
+    elif value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base:
         reward_source = shared_reward_source(reward_funcs)
         if reward_source is None and isinstance(reward_model, PeftModel) and shares_base_weights(policy, reward_model):
             reward_source = reward_model
@@ -355,11 +391,13 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
     if isinstance(source, PeftModel):
         source = source.get_base_model()
     head_init = score_head_weight(reward_model) if reward_model is not None else None
-    if isinstance(policy, PeftModel) or isinstance(value_model, str):
-        # A quantized or adapter-trained policy: load the backbone afresh and give the critic its own LoRA
-        backbone = AutoModel.from_pretrained(
-            value_model or source.config._name_or_path, **_load_kwargs(args, device, quantization_config)
-        )
+    if isinstance(policy, PeftModel) or isinstance(value_model, str) or engine_shards_base():
+        # A quantized, adapter-trained or sharded policy: load the backbone afresh (whole, replicated on every
+        # process) and give the critic its own LoRA
+        with outside_zero3_init():
+            backbone = AutoModel.from_pretrained(
+                value_model or source.config._name_or_path, **_load_kwargs(args, device, quantization_config)
+            )
         if isinstance(policy, PeftModel):
             backbone = get_peft_model(backbone, critic_lora_config(policy.peft_config["default"]))
     else:
@@ -387,6 +425,15 @@ def _with_head_on(critic: ValueHeadModel, device) -> ValueHeadModel:
     return critic
 
 
+def keep_out_of_policy_ddp(policy: PeftModel, adapter_name: str) -> None:
+    """Leave an adapter's parameters out of the DistributedDataParallel wrapper accelerate puts around the policy:
+    the critic sums its own gradients once per optimizer step (`Critic._sum_gradients_over_processes`), and
+    a DDP reducer that waits for gradients the policy's backward never produces would hang."""
+    names = [name for name, _ in policy.named_parameters() if f".{adapter_name}." in name]
+    previous = list(getattr(policy, "_ddp_params_and_buffers_to_ignore", []))
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(policy, previous + names)
+
+
 def _critic_adapter_on_policy(policy: PeftModel, reward_source, args, device) -> ValueHeadModel:
     """The one-card critic: a second adapter on the policy's own base.
 
@@ -407,6 +454,7 @@ def _critic_adapter_on_policy(policy: PeftModel, reward_source, args, device) ->
     if reward_source is not None:
         load_adapter_weights(policy, lora_weights, CRITIC_ADAPTER)
     policy.set_adapter("default")  # keeps the critic's adapter out of the policy optimizer
+    keep_out_of_policy_ddp(policy, CRITIC_ADAPTER)
     head_init = head_weight.detach().float().cpu() if reward_source is not None else None
     critic = _with_head_on(ValueHeadModel(policy, adapter_name=CRITIC_ADAPTER, head_init=head_init), device)
     if lora_config.layers_to_transform:
@@ -434,7 +482,8 @@ def _critic_from_reward_adapter(source, args, device, quantization_config) -> Va
     the policy), a trainable copy of its adapter, and its score head."""
     peft_config, lora_weights, head_weight = reward_adapter_weights(source)
     load_kwargs = {"num_labels": 1, **_load_kwargs(args, device, quantization_config)}
-    base = AutoModelForSequenceClassification.from_pretrained(peft_config.base_model_name_or_path, **load_kwargs)
+    with outside_zero3_init():
+        base = AutoModelForSequenceClassification.from_pretrained(peft_config.base_model_name_or_path, **load_kwargs)
     backbone = get_peft_model(base, critic_lora_config(peft_config))
     load_adapter_weights(backbone, lora_weights, "default")
     critic = ValueHeadModel(backbone, head_init=head_weight.detach().float().cpu())

@@ -105,6 +105,21 @@ class ReinforceConfig(RLOOConfig):
             "regresses Monte-Carlo returns."
         },
     )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume the training scripts from a checkpoint: a checkpoint folder, `true` for the newest "
+            "complete checkpoint in output_dir (an error when there is none), or `auto` for the same or a fresh start "
+            "when there is none. A checkpoint cut off while being written (a killed run) is never resumed from."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the training scripts write into an output_dir that already holds a saved model, replacing "
+            "it. Without it they refuse such a folder (resuming with --resume_from_checkpoint is always allowed)."
+        },
+    )
 
     def __post_init__(self):
         if self.baseline not in BASELINES:
@@ -146,3 +161,10 @@ class ReinforceConfig(RLOOConfig):
                 raise
         # RLOO's flag and ours mean the same thing here; honour either.
         self.whiten_advantages = self.whiten_advantages or self.normalize_advantages
+
+    # Why: `Trainer` pickles its arguments into training_args.bin beside every saved model and checkpoint, which
+    # `push_to_hub` uploads; the Hub token stays in memory only
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import torch
 from accelerate.utils import gather, pad_across_processes
-from peft import PeftModel
+from datasets import Dataset, IterableDataset
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file
 from trl import RLOOConfig, RLOOTrainer
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
@@ -21,8 +23,10 @@ from .advantages import (
     token_rewards,
     whiten,
 )
+from .checkpoints import ResumableMixin, checkpoint_model_kind, safetensors_shapes
 from .checks import check_local_path
-from .critic import CRITIC_ADAPTER, Critic, build_value_model, shares_base_weights
+from .critic import CRITIC_ADAPTER, CRITIC_STATE, Critic, build_value_model, shares_base_weights
+from .engines import engage_fsdp_on_cpu, engine_shards_base, outside_zero3_init, reward_sharing
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
@@ -38,6 +42,7 @@ from .reward_models import (
 
 
 VALUE_MODEL_DIR = "value_model"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Inputs RLOO forwards to the model next to the token ids when the prompts carry images.
 MULTIMODAL_KEYS = (
     "pixel_values",
@@ -53,7 +58,47 @@ MULTIMODAL_KEYS = (
 )
 
 
-class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
+def check_prompt_dataset(dataset, dataset_name: str) -> None:
+    """Raise a `ValueError` naming the row or column and the fix when `dataset` holds no usable prompts.
+
+    An `IterableDataset` (streaming) is checked for its columns only.
+    """
+    if dataset is None or not isinstance(dataset, Dataset | IterableDataset):
+        return
+    columns = dataset.column_names
+    if columns is not None and "prompt" not in columns:
+        raise ValueError(
+            f"The {dataset_name} dataset has no `prompt` column (its columns: {columns}); REINFORCE generates "
+            "completions of those prompts. Rename yours, e.g. `dataset = dataset.rename_column('question', 'prompt')`."
+        )
+    if isinstance(dataset, IterableDataset):
+        return
+    for index, prompt in enumerate(dataset["prompt"]):
+        if not isinstance(prompt, str | list):
+            raise ValueError(
+                f"Row {index} of the {dataset_name} dataset has a `prompt` of type {type(prompt).__name__} "
+                f"({prompt!r}); a prompt is a text or a list of chat messages. Fix or drop that row."
+            )
+        if len(prompt) == 0:
+            raise ValueError(
+                f"Row {index} of the {dataset_name} dataset has an empty `prompt`; give every row some text to "
+                "complete, or drop such rows, e.g. `dataset.filter(lambda row: row['prompt'])`."
+            )
+
+
+def check_enough_prompts(dataset, args: ReinforceConfig) -> None:
+    """Raise a `ValueError` when `dataset` has fewer prompts than one batch of rollouts takes: not one step would
+    run (RLOO's sampler drops an incomplete batch), and the run would end with the untrained model."""
+    needed = args.generation_batch_size // args.num_generations
+    if isinstance(dataset, Dataset) and len(dataset) < needed:
+        raise ValueError(
+            f"The train dataset has {len(dataset)} prompt(s), but one batch of rollouts needs {needed} different "
+            "prompts (generation_batch_size / num_generations), so not one step would run. Add prompts, or lower "
+            "`per_device_train_batch_size` or `steps_per_generation`, or raise `num_generations`."
+        )
+
+
+class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
     """
     REINFORCE with a baseline: the loss `−1/S Σ_i Σ_t A_t · log π(a_t|s_t)` with `A_t = G_t − b_t`.
 
@@ -97,17 +142,21 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
             raise TypeError("args is an RLOOConfig; pass an hf_reinforce.ReinforceConfig, which adds `baseline`.")
         check_local_path(model, "model")
         check_local_path(value_model, "value_model")
+        check_prompt_dataset(train_dataset, "train")
+        for name, dataset in (eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}).items():
+            check_prompt_dataset(dataset, name)
         for index, reward_func in enumerate(reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]):
             check_local_path(reward_func, f"reward_funcs[{index}]")
         policy_base = policy_base_name(model, peft_config)
-        reward_funcs, reward_processing_classes = resolve_reward_models(
-            reward_funcs,
-            reward_processing_classes,
-            quantization_config,
-            args.model_init_kwargs,
-            args.device,
-            share_with=None if policy_base is None else (policy_base, args.reward_shares_base),
-        )
+        with outside_zero3_init():  # a reward model is frozen and outside the engine: whole on every process
+            reward_funcs, reward_processing_classes = resolve_reward_models(
+                reward_funcs,
+                reward_processing_classes,
+                quantization_config,
+                args.model_init_kwargs,
+                args.device,
+                share_with=None if policy_base is None else (policy_base, reward_sharing(args.reward_shares_base)),
+            )
         super().__init__(
             model=model,
             reward_funcs=reward_funcs,
@@ -167,12 +216,18 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
 
     def _joins_policy_base(self, reward_func, policy) -> bool:
         """A loaded reward `PeftModel` on the policy's own base weights, quantised alike, unless told otherwise."""
-        if self.args.reward_shares_base is False or not isinstance(policy, PeftModel):
+        if self.args.reward_shares_base is False or engine_shards_base() or not isinstance(policy, PeftModel):
             return False
         if not isinstance(reward_func, PeftModel) or not shares_base_weights(policy, reward_func):
             return False
         bases = (policy.get_base_model(), reward_func.get_base_model())
         return same_quantization(*(getattr(base.config, "quantization_config", None) for base in bases))
+
+    # accelerate starts FSDP on accelerator devices only; FSDP launches on CPU processes get it here, before any
+    # model is prepared, rather than running as DDP.
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        engage_fsdp_on_cpu(self)
 
     @property
     def value_model(self):
@@ -299,6 +354,7 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         if mode == "train":
             values, critic_loss = self.critic.fit(input_ids, attention_mask, returns, mask)  # V(s_t), before fitting
             metrics["critic/value_loss"].append(critic_loss)
+            metrics["critic/num_skipped_updates"].append(self.critic.num_skipped_updates)
         else:
             values = self.critic.values(input_ids, attention_mask, returns.size(1))
         # The others of a completion may sit on other processes: the baselines are computed on the global batch
@@ -399,13 +455,64 @@ class ReinforceTrainer(ModelCardMixin, RLOOTrainer):
         if self.critic is not None and self.args.should_save:
             self.critic.save_checkpoint(Path(output_dir))
 
-    # Loading an adapter upcasts it to fp32 while TRL trains QLoRA adapters in bf16: resume in the dtype of the run.
+    # Too few prompts for one batch of rollouts would train nothing, and a script would then save the untrained model
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        check_enough_prompts(self.train_dataset, self.args)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    # A PEFT policy gets back its own adapter only: transformers would load every adapter sub-folder of the checkpoint
+    # (`value_model/`, `critic/`) into it as one more adapter, and upcast the bf16 adapters of QLoRA to fp32. The
+    # critic's own state comes back in `_load_optimizer_and_scheduler`.
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None):
-        dtypes = {name: param.dtype for name, param in self.model.named_parameters()}
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        for name, param in self.model.named_parameters():
-            if param.dtype != dtypes[name]:
-                param.data = param.data.to(dtypes[name])
+        policy = self.accelerator.unwrap_model(model if model is not None else self.model)
+        if not isinstance(policy, PeftModel) or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            return
+        weights = load_file(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
+        set_peft_model_state_dict(policy, weights, adapter_name="default")
+
+    def _check_resumable(self, checkpoint: Path) -> None:
+        if checkpoint_model_kind(checkpoint) == "reward":
+            raise ValueError(
+                f"{checkpoint} is a checkpoint of a reward model (RewardTrainer); resume a REINFORCE run from one of "
+                "its own checkpoints, or give the reward model as `reward_model_name_or_path`."
+            )
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            return  # the engines shard the parameters whose shapes the checks below compare
+        policy = self.accelerator.unwrap_model(self.model)
+        if isinstance(policy, PeftModel):
+            expected = get_peft_model_state_dict(policy, adapter_name="default")
+            self._check_same_tensors(checkpoint, ADAPTER_WEIGHTS, expected, "policy adapter")
+        if self.critic is not None:
+            expected = self.value_model.trainable_state_dict()
+            self._check_same_tensors(checkpoint, CRITIC_STATE, expected, "critic", ignore_prefix="statistics.")
+
+    @staticmethod
+    def _check_same_tensors(checkpoint: Path, file_name: str, expected: dict, what: str, ignore_prefix=None):
+        """Raise a ValueError unless `file_name` in `checkpoint` holds tensors of the names and shapes of
+        `expected` (besides those named `ignore_prefix...`)."""
+        path = checkpoint / file_name
+        if not path.is_file():
+            raise ValueError(
+                f"{checkpoint} holds no {file_name}, so the {what} cannot be resumed from it: another kind of run "
+                "wrote it (another baseline, or a full model instead of an adapter). Resume with the settings of the "
+                "run that wrote it, or start afresh."
+            )
+        found = {
+            name: shape
+            for name, shape in safetensors_shapes(path).items()
+            if not (ignore_prefix and name.startswith(ignore_prefix))
+        }
+        expected = {name: tuple(tensor.shape) for name, tensor in expected.items()}
+        if found != expected:
+            differ = sorted(name for name in found.keys() & expected.keys() if found[name] != expected[name])
+            missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+            raise ValueError(
+                f"The {what} in {path} does not fit this run's (missing {missing[:2]}, unexpected {extra[:2]}, other "
+                f"shapes {differ[:2]}): it "
+                "was written with other model, LoRA or critic settings (e.g. critic_shares_base, critic_layers). "
+                "Resume with the settings of the run that wrote it, or start afresh."
+            )
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None):
         super()._load_optimizer_and_scheduler(checkpoint)

@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trl import RewardConfig as TRLRewardConfig
 
@@ -15,6 +15,22 @@ class RewardConfig(TRLRewardConfig):
     `margin` column. Both are per-row data, so no field is needed to switch them on.
     """
 
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={
+            "help": "Resume the training scripts from a checkpoint: a checkpoint folder, `true` for the newest "
+            "complete checkpoint in output_dir (an error when there is none), or `auto` for the same or a fresh start "
+            "when there is none. A checkpoint cut off while being written (a killed run) is never resumed from."
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Let the training scripts write into an output_dir that already holds a saved model, replacing "
+            "it. Without it they refuse such a folder (resuming with --resume_from_checkpoint is always allowed)."
+        },
+    )
+
     def __post_init__(self):
         resolve_device_defaults(self)
         super().__post_init__()
@@ -28,3 +44,10 @@ class RewardConfig(TRLRewardConfig):
                 "`center_rewards_coefficient` must be >= 0: a negative value rewards pushing every reward away "
                 f"from zero, which has no minimum. Got {self.center_rewards_coefficient}."
             )
+
+    # Why: `Trainer` pickles its arguments into training_args.bin beside every saved model and checkpoint, which
+    # `push_to_hub` uploads; the Hub token stays in memory only
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state

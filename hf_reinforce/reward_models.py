@@ -17,6 +17,7 @@ A path to a LoRA reward adapter, a path to a full or merged model, a loaded `Pef
 import contextlib
 import copy
 import json
+import logging
 from pathlib import Path
 
 import torch
@@ -63,6 +64,26 @@ def training_quantization(adapter_dir: str | Path, fallback: BitsAndBytesConfig 
     return None if recorded is None else BitsAndBytesConfig.from_dict(recorded)
 
 
+class _HeadLoadReportFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def head_load_report_silenced():
+    """Drop transformers' load report while a reward adapter's base loads.
+
+    Why: the base has no score head, so transformers reports `score.weight | MISSING ... newly initialized`, but the
+    adapter loaded next replaces that head with the trained one; the report would only alarm.
+    """
+    logger, report_filter = logging.getLogger("transformers.modeling_utils"), _HeadLoadReportFilter()
+    logger.addFilter(report_filter)
+    try:
+        yield
+    finally:
+        logger.removeFilter(report_filter)
+
+
 def load_reward_adapter(adapter_dir, quantization_config=None, model_init_kwargs=None, device=None):
     """A reward adapter folder loaded onto its base, quantised as at training time; returns (model, tokenizer)."""
     base_name = PeftConfig.from_pretrained(str(adapter_dir)).base_model_name_or_path
@@ -71,7 +92,8 @@ def load_reward_adapter(adapter_dir, quantization_config=None, model_init_kwargs
     quantization = training_quantization(adapter_dir, quantization_config)
     if quantization is not None:
         kwargs.update(quantization_config=quantization, device_map={"": device or "cpu"})  # 4-bit weights stay put
-    base = AutoModelForSequenceClassification.from_pretrained(base_name, **kwargs)
+    with head_load_report_silenced():
+        base = AutoModelForSequenceClassification.from_pretrained(base_name, **kwargs)
     model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     has_tokenizer = (Path(adapter_dir) / "tokenizer_config.json").is_file()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir) if has_tokenizer else base_name)

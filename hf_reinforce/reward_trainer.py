@@ -8,6 +8,7 @@
 """
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ from trl.data_utils import get_dataset_column_names
 from trl.trainer.reward_trainer import DataCollatorForPreference
 from trl.trainer.utils import get_config_model_id
 
+from .checkpoints import ResumableMixin, checkpoint_model_kind
 from .checks import check_local_path
 from .losses import bradley_terry_loss
 from .model_card import ModelCardMixin
@@ -31,6 +33,7 @@ from .reward_models import record_reward_training
 
 
 CHOSEN_PROB_COLUMN = "chosen_prob"
+MARGIN_COLUMN = "margin"
 # The names transformers gives the head of a sequence classifier: decoder models use `score`, encoders `classifier`
 REWARD_HEAD_NAMES = ("score", "classifier")
 
@@ -53,7 +56,18 @@ def _is_empty(answer: Any) -> bool:
     return answer is None or len(answer.strip() if isinstance(answer, str) else answer) == 0
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _check_preference_example(example: dict[str, Any], index: int, dataset_name: str) -> dict[str, Any]:
+    for column in ("prompt", "chosen", "rejected"):
+        if column in example and example[column] is not None and not isinstance(example[column], str | list):
+            raise ValueError(
+                f"Row {index} of the {dataset_name} dataset has a `{column}` of type {type(example[column]).__name__} "
+                f"({example[column]!r}); answers and prompts are texts (or lists of chat messages). Fix or drop that "
+                "row."
+            )
     for column in ("chosen", "rejected"):
         if column in example and _is_empty(example[column]):
             raise ValueError(
@@ -62,10 +76,16 @@ def _check_preference_example(example: dict[str, Any], index: int, dataset_name:
                 "and row['rejected'].strip())`."
             )
     chosen_prob = example.get(CHOSEN_PROB_COLUMN, 1.0)
-    if not (isinstance(chosen_prob, (int, float)) and 0.0 <= chosen_prob <= 1.0):  # NaN fails both comparisons
+    if not (_is_number(chosen_prob) and 0.0 <= chosen_prob <= 1.0):  # NaN fails both comparisons
         raise ValueError(
             f"Row {index} of the {dataset_name} dataset has `{CHOSEN_PROB_COLUMN}`={chosen_prob!r}; it must be a "
             "probability in [0, 1] (how likely annotators are to prefer `chosen`). Fix or drop that row."
+        )
+    margin = example.get(MARGIN_COLUMN, 0.0)
+    if not (_is_number(margin) and math.isfinite(margin)):
+        raise ValueError(
+            f"Row {index} of the {dataset_name} dataset has `{MARGIN_COLUMN}`={margin!r}; it must be a finite number "
+            "(how much higher `chosen` should score, 0 for none). Fix or drop that row."
         )
     return example
 
@@ -77,6 +97,8 @@ def with_reward_head_saved(peft_config: PeftConfig | None) -> PeftConfig | None:
     without such a list (prompt tuning and the like) are returned as they are.
     """
     if peft_config is None or not hasattr(peft_config, "modules_to_save"):
+        return peft_config
+    if peft_config.task_type == "SEQ_CLS":  # PEFT adds `classifier` and `score` itself; a second time would duplicate
         return peft_config
     peft_config = copy.copy(peft_config)
     modules_to_save = list(peft_config.modules_to_save or [])
@@ -116,14 +138,28 @@ def check_preference_dataset(dataset: Dataset | IterableDataset, dataset_name: s
                 )
     if isinstance(dataset, IterableDataset):
         return dataset.map(_check_preference_example, with_indices=True, fn_kwargs={"dataset_name": dataset_name})
-    checked_columns = [name for name in ("chosen", "rejected", CHOSEN_PROB_COLUMN) if name in column_names]
+    if len(dataset) == 0:
+        raise ValueError(f"The {dataset_name} dataset has no rows; give it preference pairs to train on.")
+    checked = ("prompt", "chosen", "rejected", CHOSEN_PROB_COLUMN, MARGIN_COLUMN)
+    checked_columns = [name for name in checked if name in column_names]
     if checked_columns:
         for index, example in enumerate(dataset.select_columns(checked_columns)):
             _check_preference_example(example, index, dataset_name)
     return dataset
 
 
-class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
+def check_preference_datasets(train_dataset, eval_dataset) -> tuple:
+    """`check_preference_dataset` on the training and evaluation datasets (a dict of them too), which it returns."""
+    if train_dataset is not None:
+        train_dataset = check_preference_dataset(train_dataset, "train")
+    if isinstance(eval_dataset, dict):
+        eval_dataset = {name: check_preference_dataset(dataset, name) for name, dataset in eval_dataset.items()}
+    elif eval_dataset is not None:
+        eval_dataset = check_preference_dataset(eval_dataset, "eval")
+    return train_dataset, eval_dataset
+
+
+class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
     """Drop-in [`trl.RewardTrainer`] training on soft preference labels, with QLoRA that also runs on CPU.
 
     Same arguments as TRL's trainer. Rows may carry `chosen_prob` (probability that annotators prefer `chosen`,
@@ -157,6 +193,7 @@ class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
         peft_config: "PeftConfig | None" = None,
     ):
         check_local_path(model, "model")
+        train_dataset, eval_dataset = check_preference_datasets(train_dataset, eval_dataset)
         if args is None:  # TRL would default to its own config, which skips our checks
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = RewardConfig(f"{model_name.split('/')[-1]}-Reward")
@@ -183,7 +220,7 @@ class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
             cast_trainable_parameters_to_activation_dtype(self.model)
         keep_4bit_layers_differentiable(self.model)
 
-    # Why: reject malformed preference data at construction, before TRL tokenizes it and training starts
+    # Why: a dataset whose every pair is longer than `max_length` would train on nothing and save an untrained model
     def _prepare_dataset(
         self,
         dataset: Dataset | IterableDataset,
@@ -191,8 +228,21 @@ class RewardTrainer(ModelCardMixin, TRLRewardTrainer):
         args: RewardConfig,
         dataset_name: str,
     ) -> Dataset | IterableDataset:
-        dataset = check_preference_dataset(dataset, dataset_name)
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        prepared = super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+        if isinstance(prepared, Dataset) and len(prepared) == 0 and len(dataset) > 0:
+            raise ValueError(
+                f"Every pair of the {dataset_name} dataset ({len(dataset)} rows) is longer than max_length="
+                f"{args.max_length} tokens, so none is left to train on. Raise `max_length`, or shorten the texts."
+            )
+        return prepared
+
+    # Why: a checkpoint of a REINFORCE run (a policy, maybe a critic) fails deep inside the optimizer's state otherwise
+    def _check_resumable(self, checkpoint):
+        if checkpoint_model_kind(checkpoint) == "policy" or (checkpoint / "value_model").is_dir():
+            raise ValueError(
+                f"{checkpoint} is not a reward model's checkpoint (its model generates text: a REINFORCE policy?); "
+                "resume a reward run from one of its own checkpoints, or start afresh."
+            )
 
     # Why: `remove_unused_columns` would drop `chosen_prob` before the collator sees it, as it would `margin`
     def _set_signature_columns_if_needed(self):

@@ -259,10 +259,10 @@ def test_estimate_without_a_model_says_what_to_pass():
 # ---- the measurement harness ----
 def test_the_harness_worker_measures_one_configuration(tmp_path):
     harness = load_harness()
-    paths = harness.save_models("tiny", tmp_path, "float32", max_positions=32)
+    paths = harness.save_models("tiny", tmp_path, "float32", max_positions=32, lora_r=4)
     spec = {
         "task": "run",
-        "layout": "shared-critic",
+        "layout": "one-base",
         "size": "tiny",
         "repeat": 0,
         "paths": paths,

@@ -12,6 +12,7 @@ from hf_reinforce.reward_models import (
     REWARD_TRAINING_FILE,
     RewardModelScorer,
     SharedBaseRewardScorer,
+    load_reward_adapter,
     unwrap_scorer,
 )
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, make_preference_dataset
@@ -103,6 +104,16 @@ def test_reward_adapter_path_goes_back_onto_its_4bit_base(tmp_path, qlora_reward
     # No quantization_config given to the trainer: the adapter's record says how its base was loaded
     scores = trainer_scores(tmp_path, base, str(adapter))
     torch.testing.assert_close(scores, own_scores(reward_trainer, PROMPTS, COMPLETIONS), atol=1e-4, rtol=0)
+
+
+def test_loading_a_reward_adapter_reports_no_missing_head_and_keeps_the_trained_one(qlora_reward, capfd, caplog):
+    _, adapter, reward_trainer = qlora_reward
+    model, _ = load_reward_adapter(adapter)
+    output = capfd.readouterr()
+    assert "LOAD REPORT" not in output.out + output.err + caplog.text
+    trained = reward_trainer.model.get_submodule("base_model.model.score.modules_to_save.default").weight
+    loaded = model.get_submodule("base_model.model.score.modules_to_save.default").weight
+    torch.testing.assert_close(loaded.float(), trained.float())
 
 
 @pytest.mark.parametrize("quantized", [True, False])

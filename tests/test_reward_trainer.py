@@ -211,7 +211,8 @@ def test_qlora_trains_saves_and_reloads_with_its_head(model_paths, tmp_path, com
     assert [name for name in before if torch.equal(before[name], after[name])] == []
 
     trainer.save_model(tmp_path)
-    assert "score" in json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    modules_to_save = json.loads((tmp_path / "adapter_config.json").read_text())["modules_to_save"]
+    assert "score" in modules_to_save and len(modules_to_save) == len(set(modules_to_save))
     with safe_open(tmp_path / "adapter_model.safetensors", "pt") as adapter_file:
         assert any("score" in key for key in adapter_file.keys())
     texts = [row["prompt"] + row["chosen"] for row in dataset]

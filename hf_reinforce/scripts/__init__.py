@@ -67,8 +67,17 @@ def report_process(trainer) -> None:
 
 
 def save_and_finish(trainer, training_args, dataset_name: str | None, saved_what: str) -> None:
-    """The end both scripts share: report every process, save, push when asked, then release the process group."""
+    """The end both scripts share: report every process, save, push when asked, then release the process group.
+
+    A run that took no optimizer step saves nothing: an untrained model would replace whatever output_dir held.
+    """
     report_process(trainer)
+    if trainer.state.global_step == 0:
+        release_process_group(trainer)
+        raise RuntimeError(
+            f"The run took no optimizer step, so nothing was saved to {training_args.output_dir}. Check that the "
+            "training data has at least one batch and that max_steps or num_train_epochs is positive."
+        )
     trainer.save_model(training_args.output_dir)
     trainer.accelerator.print(f"{saved_what} saved to {training_args.output_dir}.")
     if training_args.push_to_hub:
@@ -77,14 +86,17 @@ def save_and_finish(trainer, training_args, dataset_name: str | None, saved_what
 
 
 def release_process_group(trainer) -> None:
-    """Destroy the process group only after every DistributedDataParallel wrapper is gone.
+    """Destroy the process group only after every DistributedDataParallel wrapper or DeepSpeed engine is gone (FSDP2
+    shards the model in place and leaves no wrapper).
 
     Why: a wrapper that outlives the group is freed at interpreter exit, and its reducer's destructor then waits on
     gloo threads whose peers have already left, so a finished run never exits.
     """
     if trainer.accelerator.num_processes > 1:
         trainer.model_wrapped = trainer.model
+        trainer.deepspeed = None  # a DeepSpeed engine holds its own reducer and communication buffers
         trainer.accelerator._models.clear()
+        trainer.accelerator.deepspeed_engine_wrapped = None
         gc.collect()
         trainer.accelerator.wait_for_everyone()
     trainer.end()

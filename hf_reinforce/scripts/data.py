@@ -1,16 +1,41 @@
 """Dataset loading shared by the training scripts: a Hub dataset, a local data file, or a folder of data files."""
 
+import codecs
 import re
 from collections import defaultdict
 from pathlib import Path
 
 from datasets import DatasetDict, IterableDatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 
 # The `datasets` builder that reads each kind of local data file.
 BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 # Sharded exports name their files `train-00000-of-00004.parquet`; every shard belongs to the split `train`.
 SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
+TEXT_BUILDERS = ("json", "csv")
+READ_CHUNK_BYTES = 1 << 20
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse an empty file, or one that is not UTF-8, naming the file and the line of the first bad byte (the
+    readers would fail with a bare StopIteration or UnicodeDecodeError, or read the bytes as other characters)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, has_text = 1, False
+    with open(path, "rb") as file:
+        while chunk := file.read(READ_CHUNK_BYTES):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                bad_line = line + chunk[: error.start].count(b"\n")
+                raise ValueError(
+                    f"{path} is not UTF-8 text (byte {error.object[error.start : error.start + 1]!r} on line "
+                    f"{bad_line}); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`."
+                ) from None
+            line += chunk.count(b"\n")
+            has_text = has_text or bool(text.strip())
+    if not has_text:
+        raise ValueError(f"{path} is empty; give it at least one row, or remove it from the dataset folder.")
 
 
 def local_data_files(path: Path, train_split: str) -> tuple[str, dict[str, list[str]]]:
@@ -48,7 +73,18 @@ def load_script_dataset(script_args) -> DatasetDict | IterableDatasetDict:
     path = Path(script_args.dataset_name).expanduser()
     if path.exists():
         builder, data_files = local_data_files(path, script_args.dataset_train_split)
-        dataset = load_dataset(builder, data_files=data_files, streaming=script_args.dataset_streaming)
+        if builder in TEXT_BUILDERS:
+            for files in data_files.values():
+                for file in files:
+                    check_text_file(Path(file))
+        try:
+            dataset = load_dataset(builder, data_files=data_files, streaming=script_args.dataset_streaming)
+        except DatasetGenerationError as error:
+            cause = error.__cause__ or error.__context__
+            raise ValueError(
+                f"{path} could not be read as {builder}: {cause or error}. Fix the file (each .jsonl line is one JSON "
+                "object; a .json file is a list of objects or one object per line)."
+            ) from error
     else:
         dataset = load_dataset(
             script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming

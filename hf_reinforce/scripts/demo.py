@@ -292,7 +292,7 @@ def plot_curves(pretrain_losses: list[float], reward_log: list[dict], reinforce_
             "next-character loss",
             [("loss", range(1, len(pretrain_losses) + 1), pretrain_losses)],
         ),
-        ("reward model", "training pairs", [("accuracy", *logged(reward_log, "accuracy"))]),
+        ("reward model", "accuracy on training batches", [("accuracy", *logged(reward_log, "accuracy"))]),
         (
             "REINFORCE: reward",
             "mean per completion",

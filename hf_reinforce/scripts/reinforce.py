@@ -4,10 +4,9 @@ or a local json/jsonl/parquet/csv file or folder.
 examples:
   # one process (CPU or one GPU)
   python -m hf_reinforce.scripts.reinforce --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml
-  # several GPUs: the critic cannot share the policy's base across processes, so it becomes its own model
-  accelerate launch --config_file recipes/accelerate_configs/ddp.yaml \\
-      -m hf_reinforce.scripts.reinforce --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml \\
-      --critic_shares_base false
+  # several GPUs (DDP: the critic stays an adapter on each process's copy of the policy's base)
+  accelerate launch --config_file recipes/accelerate_configs/ddp.yaml --num_processes 4 \\
+      -m hf_reinforce.scripts.reinforce --config recipes/qwen2.5-0.5b/reinforce/config_qlora.yaml
 
 Flags given with --config override the recipe's values, e.g. --baseline rloo --num_generations 4.
 """
@@ -17,7 +16,14 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
+from hf_reinforce.checkpoints import check_output_dir
 from hf_reinforce.checks import check_local_path
+from hf_reinforce.engines import (
+    check_engine_engaged,
+    check_quantization_for_engine,
+    load_models_whole_on_every_process,
+)
+from hf_reinforce.reinforce_trainer import check_enough_prompts
 from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish, set_cpu_threads
 from hf_reinforce.scripts.data import eval_split, load_script_dataset
 
@@ -42,7 +48,7 @@ class ReinforceScriptArguments(ScriptArguments):
         metadata={
             "help": "Model to build the critic from when `baseline=critic`: a Hub id or a local folder, given a value "
             "head. When unset the trainer builds it: a second LoRA adapter on the policy's base with "
-            "`critic_shares_base` (one process only), else from the reward model or the policy."
+            "`critic_shares_base` (unless ZeRO-3 or FSDP shards that base), else from the reward model or the policy."
         },
     )
 
@@ -53,10 +59,14 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
     for name in ("reward_model_name_or_path", "value_model_name_or_path", "dataset_name"):
         check_local_path(getattr(script_args, name), name)
     check_local_path(model_args.model_name_or_path, "model_name_or_path")
+    check_quantization_for_engine(model_args)
+    check_output_dir(training_args)
     set_cpu_threads()
+    load_models_whole_on_every_process()
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
     dataset = load_script_dataset(script_args)
+    check_enough_prompts(dataset[script_args.dataset_train_split], training_args)  # before any model loads
     trainer = ReinforceTrainer(
         model=model_args.model_name_or_path,
         # A reward adapter goes back onto its base quantised as at training time; a full model loads as saved
@@ -68,6 +78,7 @@ def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, 
         peft_config=get_peft_config(model_args),
         value_model=script_args.value_model_name_or_path,
     )
+    check_engine_engaged(trainer.accelerator)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     save_and_finish(trainer, training_args, script_args.dataset_name, saved_what="Policy")
 

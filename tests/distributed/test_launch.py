@@ -89,8 +89,6 @@ def test_reinforce_recipe_trains_policy_and_critic_on_two_processes(tiny_workdir
     output_dir = tiny_workdir / "outputs" / "launch" / "reinforce"
     output = launch_on_two_processes(
         "reinforce", tiny_workdir,
-        # The critic that shares the policy's base is single-process only; here it is its own data-parallel model.
-        "--critic_shares_base", "false",
         "--max_steps", "4", "--save_steps", "4", "--logging_steps", "1", "--output_dir", str(output_dir),
     )  # fmt: skip
 

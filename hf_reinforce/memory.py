@@ -480,9 +480,10 @@ class MemoryEstimate:
 
 def critic_layer_count(shape: ModelShape, setup: TrainingSetup) -> int:
     """Decoder layers the critic runs with its adapter: the top `critic_layers` of a shared base (a quarter by
-    default; 0, or as many as the model has, means all); all of them for a critic of its own."""
+    default; 0, or as many as the model has, means all); all of them for a critic of its own, and for a shared critic
+    beside a reward adapter on the same base, which starts from a copy of that adapter (on every layer)."""
     layers = shape.num_layers
-    if setup.critic != "shared":
+    if setup.critic != "shared" or setup.reward_model == "shared":
         return layers
     if setup.critic_layers is None:
         return max(1, layers // 4)

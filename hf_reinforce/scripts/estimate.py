@@ -114,11 +114,20 @@ def resolve(args) -> tuple[str, Path, TrainingSetup, list[str]]:
         raise SystemExit("Pass --config RECIPE.yaml, --model_config path/to/config.json, or both.")
     if args.model_config is None and name is None:
         raise SystemExit(f"{args.config} has no model_name_or_path; pass --model_config path/to/config.json.")
-    config_path = Path(args.model_config) if args.model_config else memory.find_model_config(name)
-    name = name or config_path.parent.name
+    config_path = model_config_file(args.model_config) if args.model_config else memory.find_model_config(name)
+    if args.model_config is not None or name is None:  # the model measured is the config's, not the recipe's
+        name = config_path.parent.name
     if args.layout is not None:
         setup = memory.with_layout(setup, args.layout)
     return name, config_path, setup, notes
+
+
+def model_config_file(path: str) -> Path:
+    """--model_config as given: a config.json, or a model folder holding one."""
+    config_path = Path(path) / "config.json" if Path(path).is_dir() else Path(path)
+    if not config_path.is_file():
+        raise SystemExit(f"--model_config {path}: no such file; pass a model's config.json or the folder holding it.")
+    return config_path
 
 
 def describe(setup: TrainingSetup, shape: memory.ModelShape) -> str:

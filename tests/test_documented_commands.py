@@ -71,7 +71,10 @@ def reason_not_run(command: DocumentedCommand) -> str | None:
 
 
 def is_parsed_only(command: DocumentedCommand) -> bool:
-    return any(re.search(pattern, command.text) for pattern in PARSED_ONLY)
+    launches_training = re.search(
+        r"hf_reinforce\.scripts\.(reward|reinforce)\b|hf-reinforce (reward|reinforce)\b", command.text
+    )
+    return bool(launches_training) and any(re.search(pattern, command.text) for pattern in PARSED_ONLY)
 
 
 def script_and_arguments(command: DocumentedCommand) -> tuple[str, list[str]]:

@@ -1,4 +1,7 @@
-"""Defaults that TRL's configs leave to values that fail or warn on a CPU-only machine, shared by both configs."""
+"""What both configs share: defaults that TRL's configs leave to values that fail or warn on a CPU-only machine, and
+the fields the training scripts read."""
+
+from dataclasses import field
 
 import torch
 from transformers.utils import is_torch_bf16_gpu_available
@@ -19,3 +22,25 @@ def resolve_device_defaults(config) -> None:
         config.dataloader_pin_memory = False
     if config.activation_checkpointing is None and config.gradient_checkpointing is not None:
         config.activation_checkpointing, config.gradient_checkpointing = config.gradient_checkpointing, None
+
+
+# The two fields the training scripts read in both configs, with one wording.
+def resume_from_checkpoint_field():
+    return field(
+        default=None,
+        metadata={
+            "help": "Resume the training scripts from a checkpoint: a checkpoint folder, `true` for the newest "
+            "complete checkpoint in output_dir (an error when there is none), or `auto` for the same or a fresh start "
+            "when there is none. A checkpoint cut off while being written (a killed run) is never resumed from."
+        },
+    )
+
+
+def overwrite_output_dir_field():
+    return field(
+        default=False,
+        metadata={
+            "help": "Let the training scripts write into an output_dir that already holds a saved model, replacing "
+            "it. Without it they refuse such a folder (resuming with --resume_from_checkpoint is always allowed)."
+        },
+    )

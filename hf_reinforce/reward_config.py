@@ -1,8 +1,8 @@
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from trl import RewardConfig as TRLRewardConfig
 
-from .config_defaults import resolve_device_defaults
+from .config_defaults import overwrite_output_dir_field, resolve_device_defaults, resume_from_checkpoint_field
 
 
 @dataclass
@@ -15,21 +15,8 @@ class RewardConfig(TRLRewardConfig):
     `margin` column. Both are per-row data, so no field is needed to switch them on.
     """
 
-    resume_from_checkpoint: str | None = field(
-        default=None,
-        metadata={
-            "help": "Resume the training scripts from a checkpoint: a checkpoint folder, `true` for the newest "
-            "complete checkpoint in output_dir (an error when there is none), or `auto` for the same or a fresh start "
-            "when there is none. A checkpoint cut off while being written (a killed run) is never resumed from."
-        },
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Let the training scripts write into an output_dir that already holds a saved model, replacing "
-            "it. Without it they refuse such a folder (resuming with --resume_from_checkpoint is always allowed)."
-        },
-    )
+    resume_from_checkpoint: str | None = resume_from_checkpoint_field()
+    overwrite_output_dir: bool = overwrite_output_dir_field()
 
     def __post_init__(self):
         resolve_device_defaults(self)

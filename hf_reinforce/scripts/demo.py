@@ -330,10 +330,10 @@ def print_table(summary: dict) -> None:
 
 
 class Stages:
-    """A progress bar over the demo's stages that also times each of them."""
+    """A progress bar over a run's stages that also times each of them."""
 
-    def __init__(self):
-        self.progress = tqdm(total=len(STAGES), desc="demo")
+    def __init__(self, names: tuple[str, ...] = STAGES, desc: str = "demo"):
+        self.progress = tqdm(total=len(names), desc=desc)
         self.seconds = {}
 
     @contextlib.contextmanager

@@ -22,7 +22,6 @@ examples:
   hf-reinforce real-demo --baseline rloo --output_dir outputs/smollm2-135m-rloo
 """
 
-import contextlib
 import dataclasses
 import functools
 import itertools
@@ -30,7 +29,6 @@ import json
 import math
 import random
 import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +52,7 @@ from hf_reinforce.scripts import HelpFormatter, model_init_kwargs  # noqa: E402
 from hf_reinforce.scripts import reinforce as reinforce_script  # noqa: E402
 from hf_reinforce.scripts import reward as reward_script  # noqa: E402
 from hf_reinforce.scripts.demo import (  # noqa: E402
+    Stages,
     demo_process_settings,
     logged,
     tail_mean,
@@ -149,22 +148,6 @@ QUICK_SIZES = {
     "samples_per_eval_prompt": 2,
 }
 QUICK_MAX_COMPLETION_LENGTH = 32
-
-
-class Stages:
-    """A progress bar over a run's stages that also times each of them."""
-
-    def __init__(self, names: tuple[str, ...], desc: str):
-        self.progress = tqdm(total=len(names), desc=desc)
-        self.seconds = {}
-
-    @contextlib.contextmanager
-    def stage(self, name: str, description: str):
-        self.progress.set_postfix_str(description)
-        started = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - started, 1)
-        self.progress.update()
 
 
 def chat_prompt(item: str) -> list[dict]:

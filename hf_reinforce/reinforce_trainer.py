@@ -98,6 +98,17 @@ def check_enough_prompts(dataset, args: ReinforceConfig) -> None:
         )
 
 
+def check_inputs(model, reward_funcs, value_model, train_dataset, eval_dataset) -> None:
+    """Missing local folders and unusable prompt datasets, refused before any model loads."""
+    check_local_path(model, "model")
+    check_local_path(value_model, "value_model")
+    check_prompt_dataset(train_dataset, "train")
+    for name, dataset in (eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}).items():
+        check_prompt_dataset(dataset, name)
+    for index, reward_func in enumerate(reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]):
+        check_local_path(reward_func, f"reward_funcs[{index}]")
+
+
 class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
     """
     REINFORCE with a baseline: the loss `−1/S Σ_i Σ_t A_t · log π(a_t|s_t)` with `A_t = G_t − b_t`.
@@ -140,13 +151,7 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
             args = ReinforceConfig(f"{model_name.split('/')[-1]}-REINFORCE")
         elif isinstance(args, RLOOConfig) and not isinstance(args, ReinforceConfig):
             raise TypeError("args is an RLOOConfig; pass an hf_reinforce.ReinforceConfig, which adds `baseline`.")
-        check_local_path(model, "model")
-        check_local_path(value_model, "value_model")
-        check_prompt_dataset(train_dataset, "train")
-        for name, dataset in (eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}).items():
-            check_prompt_dataset(dataset, name)
-        for index, reward_func in enumerate(reward_funcs if isinstance(reward_funcs, list) else [reward_funcs]):
-            check_local_path(reward_func, f"reward_funcs[{index}]")
+        check_inputs(model, reward_funcs, value_model, train_dataset, eval_dataset)
         policy_base = policy_base_name(model, peft_config)
         with outside_zero3_init():  # a reward model is frozen and outside the engine: whole on every process
             reward_funcs, reward_processing_classes = resolve_reward_models(

@@ -216,7 +216,8 @@ class Critic:
             if parameter.grad is not None:
                 parameter.grad.mul_(loss_is_finite.to(parameter.grad.dtype))
         self._sum_gradients_over_processes(parameters)
-        finite = all(torch.isfinite(p.grad).all() for p in parameters if p.grad is not None)
+        grads_finite = [torch.isfinite(p.grad).all() for p in parameters if p.grad is not None]
+        finite = bool(torch.stack(grads_finite).all()) if grads_finite else True  # one device sync, not one each
         if finite:
             if self.args.critic_max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, self.args.critic_max_grad_norm)

@@ -76,10 +76,18 @@ def test_the_gold_reads_conversational_completions():
     assert scores[0] > 0.5 > -0.5 > scores[1]
 
 
-@pytest.mark.parametrize("field, value", [("seeds", []), ("completions_per_prompt", 1), ("tau", 0.0)])
+@pytest.mark.parametrize(
+    "field, value", [("seeds", []), ("completions_per_prompt", 1), ("tau", 0.0), ("num_threads", 0)]
+)
 def test_bad_arguments_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         real_demo.RealDemoArguments(**{field: value})
+
+
+def test_reward_from_a_folder_without_a_finished_run_names_the_flag_and_the_missing_parts(tmp_path):
+    (tmp_path / "prompts").mkdir()
+    with pytest.raises(ValueError, match=r"reward_from: .* has no preferences, reward folder"):
+        real_demo.reused_reward_model(tmp_path)
 
 
 # ---------------------------------------------------------------- on SmolLM2-135M-Instruct (slow)
@@ -256,7 +264,8 @@ def test_the_critic_starts_from_the_real_reward_model(smollm2, real_reward, tmp_
         scores = trainer.reward_funcs[0].scores(inputs)
     torch.testing.assert_close(values[torch.arange(len(texts)), last], scores, atol=1e-4, rtol=1e-4)
     # and the policy starts as the base model: no KL yet on its own samples
-    groups = real_demo.sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, 16, seed=0, desc="sampling")
+    sampling = real_demo.Sampling(temperature=0.7, max_new_tokens=16)
+    groups = real_demo.sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, sampling, seed=0, desc="sampling")
     assert real_demo.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-5)
 
 

@@ -27,6 +27,7 @@ import functools
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 from dataclasses import dataclass, field
@@ -62,6 +63,8 @@ from hf_reinforce.scripts.demo import (  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes" / "smollm2-135m"
 PROMPT = "Write a one-sentence review of {item}."
+# Only to write some of the reward model's training answers: the pairs keep PROMPT
+NEGATIVE_PROMPT = "Write a one-sentence negative review of {item}."
 # Things to review: every kind of product, place, work and service, so that no one word pleases the judge everywhere.
 ITEMS = (
     "a pizza restaurant, a sushi bar, a vegan cafe, a food truck, a bakery, a steakhouse, a noodle shop, an ice cream "
@@ -116,9 +119,17 @@ class RealDemoArguments:
         default=False, metadata={"help": "Shrink every stage to a smoke run of a few minutes (numbers mean nothing)."}
     )
     num_held_out_items: int = field(default=32, metadata={"help": "Items never trained on, for every evaluation."})
-    num_pair_prompts: int = field(default=64, metadata={"help": "Training prompts the model answers to make pairs."})
+    num_pair_prompts: int = field(default=128, metadata={"help": "Training prompts the model answers to make pairs."})
     completions_per_prompt: int = field(
         default=4, metadata={"help": "Answers sampled per prompt; every two with different gold make a pair."}
+    )
+    negative_answers_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "How many of a training prompt's answers are written to a request for a negative review instead "
+            "(their pairs keep the plain prompt). The model's own answers are nearly all mildly positive: these show "
+            "the reward model what the judge dislikes (contrast prompts, as in RLCD). Held-out pairs are all plain."
+        },
     )
     tau: float = field(
         default=0.2, metadata={"help": "Temperature of the soft labels sigmoid((g_chosen - g_rejected) / tau)."}
@@ -126,6 +137,20 @@ class RealDemoArguments:
     reward_steps: int | None = field(default=None, metadata={"help": "Reward-model steps (default: the recipe's)."})
     reinforce_steps: int | None = field(default=None, metadata={"help": "REINFORCE steps (default: the recipe's)."})
     samples_per_eval_prompt: int = field(default=4, metadata={"help": "Answers sampled per held-out item."})
+    reward_from: str | None = field(
+        default=None,
+        metadata={
+            "help": "Output folder of an earlier run with the same seeds: its datasets and reward models are used "
+            "instead of new ones, so that runs with other baselines differ in REINFORCE alone."
+        },
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads of this process (default: the cores it may use). Give 1 per run when several runs "
+            "share the machine: threads waiting for a busy core slow every step down."
+        },
+    )
 
     def __post_init__(self):
         if not self.seeds:
@@ -134,8 +159,15 @@ class RealDemoArguments:
             raise ValueError(f"num_held_out_items={self.num_held_out_items} must lie between 1 and {len(ITEMS) - 1}.")
         if self.completions_per_prompt < 2:
             raise ValueError(f"completions_per_prompt={self.completions_per_prompt} must be at least 2 to make pairs.")
+        if not 0 <= self.negative_answers_per_prompt < self.completions_per_prompt:
+            raise ValueError(
+                f"negative_answers_per_prompt={self.negative_answers_per_prompt} must lie between 0 and "
+                f"completions_per_prompt - 1 = {self.completions_per_prompt - 1}: each prompt keeps a plain answer."
+            )
         if not self.tau > 0:
             raise ValueError(f"tau={self.tau} must be positive.")
+        if self.num_threads is not None and self.num_threads < 1:
+            raise ValueError(f"num_threads={self.num_threads} must be at least 1 (or left out: the cores available).")
 
 
 # Used by --quick: enough of each stage to run every code path once.
@@ -150,8 +182,22 @@ QUICK_SIZES = {
 QUICK_MAX_COMPLETION_LENGTH = 32
 
 
-def chat_prompt(item: str) -> list[dict]:
-    return [{"role": "user", "content": PROMPT.format(item=item)}]
+@dataclass(frozen=True)
+class Sampling:
+    """How answers are sampled, everywhere in the demo: as the REINFORCE recipe samples them."""
+
+    temperature: float
+    max_new_tokens: int
+
+    @classmethod
+    def of_recipe(cls, quick: bool) -> "Sampling":
+        training_args = recipe_args(reinforce_script, RECIPES / "reinforce" / "config_qlora.yaml", [])[1]
+        max_new_tokens = QUICK_MAX_COMPLETION_LENGTH if quick else training_args.max_completion_length
+        return cls(temperature=training_args.temperature, max_new_tokens=max_new_tokens)
+
+
+def chat_prompt(item: str, template: str = PROMPT) -> list[dict]:
+    return [{"role": "user", "content": template.format(item=item)}]
 
 
 def split_items(num_held_out: int, seed: int) -> tuple[list[str], list[str]]:
@@ -186,10 +232,16 @@ def gold(completions: list, **kwargs) -> list[float]:
 
 @torch.no_grad()
 def sample_answers(
-    model, tokenizer, prompts: list[list[dict]], num_per_prompt: int, max_new_tokens: int, seed: int, desc: str
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    num_per_prompt: int,
+    sampling: Sampling,
+    seed: int,
+    desc: str,
 ) -> list[list[dict]]:
-    """`num_per_prompt` answers per chat prompt, sampled at temperature 1 as REINFORCE samples them: per prompt a list
-    of {"text", "ids" (the completion's tokens, with its end-of-turn when it finished), "finished"}."""
+    """`num_per_prompt` answers per chat prompt, sampled as REINFORCE samples them: per prompt a list of {"text",
+    "ids" (the completion's tokens, with its end-of-turn when it finished), "finished"}."""
     torch.manual_seed(seed)
     model.eval()
     eos = tokenizer.eos_token_id
@@ -205,10 +257,10 @@ def sample_answers(
         output = model.generate(
             **inputs.to(model.device),
             do_sample=True,
-            temperature=1.0,
+            temperature=sampling.temperature,
             top_k=0,
             top_p=1.0,
-            max_new_tokens=max_new_tokens,
+            max_new_tokens=sampling.max_new_tokens,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
         )
@@ -377,23 +429,24 @@ def mean_and_stderr(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArguments, seed: int, max_new_tokens: int):
+def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArguments, seed: int, sampling: Sampling):
     """Sample and label the pairs (training and held-out items) and write the datasets the recipes read."""
     train_items, held_out_items = split_items(args.num_held_out_items, seed)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32)
     pair_items = random.Random(seed).choices(train_items, k=args.num_pair_prompts)
+    # Held-out pairs: the model's own answers to the plain prompt, as REINFORCE will sample them
+    negatives = {"train": args.negative_answers_per_prompt, "test": 0}
     splits = {"train": pair_items, "test": held_out_items}
     for offset, (split, items) in enumerate(splits.items()):
         prompts = [chat_prompt(item) for item in items]
-        groups = sample_answers(
-            model,
-            tokenizer,
-            prompts,
-            args.completions_per_prompt,
-            max_new_tokens,
-            seed + offset,
-            desc=f"sampling {split} pairs",
-        )
+        plain = args.completions_per_prompt - negatives[split]
+        groups = sample_answers(model, tokenizer, prompts, plain, sampling, seed + offset, f"sampling {split} pairs")
+        if negatives[split]:
+            negative_prompts = [chat_prompt(item, NEGATIVE_PROMPT) for item in items]
+            negative_groups = sample_answers(
+                model, tokenizer, negative_prompts, negatives[split], sampling, seed + offset, "negative answers"
+            )
+            groups = [group + negative for group, negative in zip(groups, negative_groups, strict=True)]
         pairs = label_pairs(prompts, groups, args.tau)
         if not pairs:
             raise ValueError(
@@ -405,36 +458,54 @@ def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArgument
     write_jsonl([{"prompt": chat_prompt(item)} for item in held_out_items], data_dir / "prompts" / "test.jsonl")
 
 
+def seed_dir(output_dir: Path, seed: int, num_seeds: int) -> Path:
+    return output_dir if num_seeds == 1 else output_dir / f"seed_{seed}"
+
+
+def reused_reward_model(source_dir: Path) -> tuple[dict, list]:
+    """Quality and training log of the reward model an earlier run left in `source_dir`."""
+    missing = [name for name in (*DATA_DIRS, REWARD_DIR) if not (source_dir / name).is_dir()]
+    if missing:
+        raise ValueError(
+            f"reward_from: {source_dir} has no {', '.join(missing)} folder; give the output folder of a finished "
+            "`hf-reinforce real-demo` run with the same seeds."
+        )
+    quality = reward_model_quality(source_dir / REWARD_DIR, read_jsonl(source_dir / "preferences" / "test.jsonl"))
+    logs = source_dir / "training_logs.json"
+    return quality, json.loads(logs.read_text())["reward"] if logs.exists() else []
+
+
 def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int) -> dict:
     set_seed(seed)
     data_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(model_name)
-    max_new_tokens = (
-        QUICK_MAX_COMPLETION_LENGTH
-        if args.quick
-        else recipe_args(reinforce_script, RECIPES / "reinforce" / "config_qlora.yaml", [])[1].max_completion_length
-    )
-    stages = Stages(STAGES[:1] if args.data_only else STAGES, desc=f"seed {seed}")
-    with stages.stage("preferences", "sampling and labelling preference pairs"):
-        make_data(model_name, tokenizer, data_dir, args, seed, max_new_tokens)
-    if args.data_only:
-        stages.progress.close()
-        return {"seed": seed, "data_dir": str(data_dir)}
+    sampling = Sampling.of_recipe(args.quick)
+    names = STAGES[:1] if args.data_only else STAGES[2:] if args.reward_from else STAGES
+    stages = Stages(names, desc=f"seed {seed}")
+    if args.reward_from:
+        source_dir = seed_dir(Path(args.reward_from), seed, len(args.seeds))
+        quality, reward_log = reused_reward_model(source_dir)
+    else:
+        source_dir = data_dir
+        with stages.stage("preferences", "sampling and labelling preference pairs"):
+            make_data(model_name, tokenizer, data_dir, args, seed, sampling)
+        if args.data_only:
+            stages.progress.close()
+            return {"seed": seed, "data_dir": str(data_dir)}
+        with stages.stage("reward model", "training the reward model (QLoRA)"):
+            reward_log = train_reward_model(model_name, data_dir, data_dir / REWARD_DIR, args, seed).state.log_history
+            quality = reward_model_quality(data_dir / REWARD_DIR, read_jsonl(data_dir / "preferences" / "test.jsonl"))
 
-    with stages.stage("reward model", "training the reward model (QLoRA)"):
-        reward_trainer = train_reward_model(model_name, data_dir, data_dir / REWARD_DIR, args, seed)
-        quality = reward_model_quality(data_dir / REWARD_DIR, read_jsonl(data_dir / "preferences" / "test.jsonl"))
-
-    eval_prompts = [row["prompt"] for row in read_jsonl(data_dir / "prompts" / "test.jsonl")]
+    eval_prompts = [row["prompt"] for row in read_jsonl(source_dir / "prompts" / "test.jsonl")]
     with stages.stage("reinforce", f"REINFORCE, baseline {args.baseline} (QLoRA)"):
-        trainer = build_reinforce_trainer(model_name, data_dir, data_dir / POLICY_DIR, args, seed)
+        trainer = build_reinforce_trainer(model_name, source_dir, data_dir / POLICY_DIR, args, seed)
         # The policy's LoRA adapter starts at zero: this samples the 4-bit base that REINFORCE starts from
         before = sample_answers(
             trainer.model,
             tokenizer,
             eval_prompts,
             args.samples_per_eval_prompt,
-            max_new_tokens,
+            sampling,
             seed,
             desc="sampling held-out answers before",
         )
@@ -447,7 +518,7 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
             tokenizer,
             eval_prompts,
             args.samples_per_eval_prompt,
-            max_new_tokens,
+            sampling,
             seed,
             desc="sampling held-out answers after",
         )
@@ -472,7 +543,7 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
         "critic_explained_variance": tail_mean(explained_variances) if explained_variances else None,
         "finished_before": statistics.fmean(a["finished"] for g in before for a in g),
         "finished_after": statistics.fmean(a["finished"] for g in after for a in g),
-        "num_train_pairs": len(read_jsonl(data_dir / "preferences" / "train.jsonl")),
+        "num_train_pairs": len(read_jsonl(source_dir / "preferences" / "train.jsonl")),
         "seconds_per_stage": stages.seconds,
         "samples": [
             {
@@ -484,7 +555,7 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
             }
             for prompt, b, a in zip(eval_prompts[:8], before, after)
         ],
-        "logs": {"reward": reward_trainer.state.log_history, "reinforce": log},
+        "logs": {"reward": reward_log, "reinforce": log},
     }
 
 
@@ -570,8 +641,7 @@ def run(args: RealDemoArguments) -> dict:
     model_name = prepare_model(args)
     runs = []
     for seed in args.seeds:
-        data_dir = output_dir if len(args.seeds) == 1 else output_dir / f"seed_{seed}"
-        runs.append(run_seed(model_name, data_dir, args, seed))
+        runs.append(run_seed(model_name, seed_dir(output_dir, seed, len(args.seeds)), args, seed))
     if args.data_only:
         return {"runs": runs}
     summary = {
@@ -587,7 +657,7 @@ def run(args: RealDemoArguments) -> dict:
     plot_curves(runs, output_dir / PLOT_FILE)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     for run_result in runs:  # each seed's training logs beside its models
-        logs_dir = output_dir if len(args.seeds) == 1 else output_dir / f"seed_{run_result['seed']}"
+        logs_dir = seed_dir(output_dir, run_result["seed"], len(args.seeds))
         (logs_dir / "training_logs.json").write_text(json.dumps(run_result["logs"]) + "\n")
     return summary
 
@@ -600,6 +670,8 @@ def main() -> None:
     # Called by `hf-reinforce real-demo`, which leaves the command's flags in sys.argv
     (args,) = make_parser().parse_args_and_config()
     with demo_process_settings():
+        # The model is no toy: every core this process may use helps (the toy demo keeps one)
+        torch.set_num_threads(args.num_threads or len(os.sched_getaffinity(0)))
         summary = run(args)
     if args.data_only:
         print(f"Datasets written to {', '.join(run['data_dir'] for run in summary['runs'])}")

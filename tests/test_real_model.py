@@ -71,23 +71,59 @@ def test_pairs_are_conversational_with_soft_labels_from_the_gold_gap():
     assert best["chosen_prob"] > 0.99
 
 
+def test_negative_review_answers_join_the_training_pairs_under_the_plain_prompt(tmp_path, monkeypatch):
+    """One training answer per prompt answers the negative request but is paired under the plain prompt; the held-out
+    pairs are the model's own answers to the plain prompt only."""
+    requests = []
+
+    def fake_sample_answers(model, tokenizer, prompts, num_per_prompt, sampling, seed, desc):
+        requests.append((prompts[0][-1]["content"], num_per_prompt))
+        negative = "negative" in prompts[0][-1]["content"]
+        texts = NEGATIVE if negative else POSITIVE
+        return [[{"text": texts[i % 2], "finished": True} for i in range(num_per_prompt)] for _ in prompts]
+
+    monkeypatch.setattr(real_demo.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: None)
+    monkeypatch.setattr(real_demo, "sample_answers", fake_sample_answers)
+    args = real_demo.RealDemoArguments(num_held_out_items=4, num_pair_prompts=3, completions_per_prompt=3)
+    real_demo.make_data("model", None, tmp_path, args, seed=0, sampling=real_demo.Sampling(0.7, 16))
+
+    assert [num for _, num in requests] == [2, 1, 3]  # train: 2 plain + 1 negative; held out: 3 plain
+    assert "negative" in requests[1][0] and "negative" not in requests[2][0]
+    train = real_demo.read_jsonl(tmp_path / "preferences" / "train.jsonl")
+    assert len(train) == 3 * 3  # every two of a prompt's three answers differ in gold
+    assert all("negative" not in pair["prompt"][-1]["content"] for pair in train)
+    assert {pair["rejected"][0]["content"] for pair in train} >= {NEGATIVE[0]}
+    held_out = real_demo.read_jsonl(tmp_path / "preferences" / "test.jsonl")
+    assert all(pair["rejected"][0]["content"] not in NEGATIVE for pair in held_out)
+
+
 def test_the_gold_reads_conversational_completions():
     scores = real_demo.gold([answer(POSITIVE[0]), answer(NEGATIVE[0])])
     assert scores[0] > 0.5 > -0.5 > scores[1]
 
 
 @pytest.mark.parametrize(
-    "field, value", [("seeds", []), ("completions_per_prompt", 1), ("tau", 0.0), ("num_threads", 0)]
+    "field, value",
+    [
+        ("seeds", []),
+        ("completions_per_prompt", 1),
+        ("tau", 0.0),
+        ("num_threads", 0),
+        ("negative_answers_per_prompt", 4),
+        ("negative_answers_per_prompt", -1),
+    ],
 )
 def test_bad_arguments_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         real_demo.RealDemoArguments(**{field: value})
 
 
-def test_reward_from_a_folder_without_a_finished_run_names_the_flag_and_the_missing_parts(tmp_path):
+def test_reward_from_a_folder_without_a_finished_run_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     (tmp_path / "prompts").mkdir()
+    monkeypatch.setattr(real_demo, "prepare_model", lambda args: pytest.fail("the model was prepared"))
+    args = real_demo.RealDemoArguments(reward_from=str(tmp_path), output_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"reward_from: .* has no preferences, reward folder"):
-        real_demo.reused_reward_model(tmp_path)
+        real_demo.run(args)
 
 
 # ---------------------------------------------------------------- on SmolLM2-135M-Instruct (slow)

@@ -462,14 +462,18 @@ def seed_dir(output_dir: Path, seed: int, num_seeds: int) -> Path:
     return output_dir if num_seeds == 1 else output_dir / f"seed_{seed}"
 
 
-def reused_reward_model(source_dir: Path) -> tuple[dict, list]:
-    """Quality and training log of the reward model an earlier run left in `source_dir`."""
+def check_reward_from(source_dir: Path) -> None:
     missing = [name for name in (*DATA_DIRS, REWARD_DIR) if not (source_dir / name).is_dir()]
     if missing:
         raise ValueError(
             f"reward_from: {source_dir} has no {', '.join(missing)} folder; give the output folder of a finished "
             "`hf-reinforce real-demo` run with the same seeds."
         )
+
+
+def reused_reward_model(source_dir: Path) -> tuple[dict, list]:
+    """Quality and training log of the reward model an earlier run left in `source_dir`."""
+    check_reward_from(source_dir)
     quality = reward_model_quality(source_dir / REWARD_DIR, read_jsonl(source_dir / "preferences" / "test.jsonl"))
     logs = source_dir / "training_logs.json"
     return quality, json.loads(logs.read_text())["reward"] if logs.exists() else []
@@ -638,6 +642,8 @@ def run(args: RealDemoArguments) -> dict:
     if args.quick:
         args = dataclasses.replace(args, **QUICK_SIZES)
     output_dir = Path(args.output_dir)
+    for seed in args.seeds if args.reward_from else ():  # before any model loads
+        check_reward_from(seed_dir(Path(args.reward_from), seed, len(args.seeds)))
     model_name = prepare_model(args)
     runs = []
     for seed in args.seeds:

@@ -471,12 +471,22 @@ def check_reward_from(source_dir: Path) -> None:
         )
 
 
-def reused_reward_model(source_dir: Path) -> tuple[dict, list]:
-    """Quality and training log of the reward model an earlier run left in `source_dir`."""
-    check_reward_from(source_dir)
-    quality = reward_model_quality(source_dir / REWARD_DIR, read_jsonl(source_dir / "preferences" / "test.jsonl"))
-    logs = source_dir / "training_logs.json"
-    return quality, json.loads(logs.read_text())["reward"] if logs.exists() else []
+def held_out_quality(run_dir: Path) -> dict:
+    """The reward model of `run_dir` against the gold on that run's held-out pairs."""
+    return reward_model_quality(run_dir / REWARD_DIR, read_jsonl(run_dir / "preferences" / "test.jsonl"))
+
+
+def data_and_reward_model(model_name: str, data_dir: Path, args, seed: int, stages) -> tuple[Path, dict, list]:
+    """The folder holding this seed's datasets and reward model, new or an earlier run's (`reward_from`), with the
+    reward model's held-out quality and training log."""
+    if args.reward_from:  # its folders were checked before any model loaded
+        source_dir = seed_dir(Path(args.reward_from), seed, len(args.seeds))
+        logs = source_dir / "training_logs.json"
+        reward_log = json.loads(logs.read_text())["reward"] if logs.exists() else []
+        return source_dir, held_out_quality(source_dir), reward_log
+    with stages.stage("reward model", "training the reward model (QLoRA)"):
+        reward_log = train_reward_model(model_name, data_dir, data_dir / REWARD_DIR, args, seed).state.log_history
+        return data_dir, held_out_quality(data_dir), reward_log
 
 
 def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int) -> dict:
@@ -486,19 +496,13 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
     sampling = Sampling.of_recipe(args.quick)
     names = STAGES[:1] if args.data_only else STAGES[2:] if args.reward_from else STAGES
     stages = Stages(names, desc=f"seed {seed}")
-    if args.reward_from:
-        source_dir = seed_dir(Path(args.reward_from), seed, len(args.seeds))
-        quality, reward_log = reused_reward_model(source_dir)
-    else:
-        source_dir = data_dir
+    if not args.reward_from:
         with stages.stage("preferences", "sampling and labelling preference pairs"):
             make_data(model_name, tokenizer, data_dir, args, seed, sampling)
         if args.data_only:
             stages.progress.close()
             return {"seed": seed, "data_dir": str(data_dir)}
-        with stages.stage("reward model", "training the reward model (QLoRA)"):
-            reward_log = train_reward_model(model_name, data_dir, data_dir / REWARD_DIR, args, seed).state.log_history
-            quality = reward_model_quality(data_dir / REWARD_DIR, read_jsonl(data_dir / "preferences" / "test.jsonl"))
+    source_dir, quality, reward_log = data_and_reward_model(model_name, data_dir, args, seed, stages)
 
     eval_prompts = [row["prompt"] for row in read_jsonl(source_dir / "prompts" / "test.jsonl")]
     with stages.stage("reinforce", f"REINFORCE, baseline {args.baseline} (QLoRA)"):

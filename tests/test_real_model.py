@@ -22,6 +22,7 @@ from hf_reinforce.cli import main as cli_main
 from hf_reinforce.gguf import DownloadError, make_smollm2
 from hf_reinforce.reward_models import RewardModelScorer
 from hf_reinforce.scripts import real_demo
+from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,35 +72,64 @@ def test_pairs_are_conversational_with_soft_labels_from_the_gold_gap():
     assert best["chosen_prob"] > 0.99
 
 
-def test_negative_review_answers_join_the_training_pairs_under_the_plain_prompt(tmp_path, monkeypatch):
-    """One training answer per prompt answers the negative request but is paired under the plain prompt; the held-out
-    pairs are the model's own answers to the plain prompt only."""
+def test_contrast_answers_join_the_training_pairs_under_the_plain_prompt(tmp_path, monkeypatch):
+    """One training answer per prompt answers the negative request and one the enthusiastic request, both paired
+    under the plain prompt; the held-out pairs are the model's own answers to the plain prompt only."""
     requests = []
+    texts_for = {"negative": NEGATIVE, "enthusiastic": ["Truly amazing, a joy, the best ever!"] * 2}
 
     def fake_sample_answers(model, tokenizer, prompts, num_per_prompt, sampling, seed, desc):
-        requests.append((prompts[0][-1]["content"], num_per_prompt))
-        negative = "negative" in prompts[0][-1]["content"]
-        texts = NEGATIVE if negative else POSITIVE
+        request = prompts[0][-1]["content"]
+        requests.append((request, num_per_prompt))
+        texts = next((texts for word, texts in texts_for.items() if word in request), POSITIVE)
         return [[{"text": texts[i % 2], "finished": True} for i in range(num_per_prompt)] for _ in prompts]
 
     monkeypatch.setattr(real_demo.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: None)
     monkeypatch.setattr(real_demo, "sample_answers", fake_sample_answers)
-    args = real_demo.RealDemoArguments(num_held_out_items=4, num_pair_prompts=3, completions_per_prompt=3)
+    args = real_demo.RealDemoArguments(num_held_out_items=4, num_pair_prompts=3, completions_per_prompt=4)
     real_demo.make_data("model", None, tmp_path, args, seed=0, sampling=real_demo.Sampling(0.7, 16))
 
-    assert [num for _, num in requests] == [2, 1, 3]  # train: 2 plain + 1 negative; held out: 3 plain
-    assert "negative" in requests[1][0] and "negative" not in requests[2][0]
+    # train: 2 plain + 1 negative + 1 enthusiastic; held out: 4 plain
+    assert [num for _, num in requests] == [2, 1, 1, 4]
+    assert "negative" in requests[1][0] and "enthusiastic" in requests[2][0]
+    assert not any(word in requests[3][0] for word in texts_for)
     train = real_demo.read_jsonl(tmp_path / "preferences" / "train.jsonl")
-    assert len(train) == 3 * 3  # every two of a prompt's three answers differ in gold
-    assert all("negative" not in pair["prompt"][-1]["content"] for pair in train)
+    assert len(train) == 3 * 6  # every two of a prompt's four answers differ in gold
+    assert all(pair["prompt"] == chat(pair["prompt"][-1]["content"][31:-1]) for pair in train)
     assert {pair["rejected"][0]["content"] for pair in train} >= {NEGATIVE[0]}
+    assert {pair["chosen"][0]["content"] for pair in train} >= set(texts_for["enthusiastic"])
     held_out = real_demo.read_jsonl(tmp_path / "preferences" / "test.jsonl")
-    assert all(pair["rejected"][0]["content"] not in NEGATIVE for pair in held_out)
+    contrast_texts = {*NEGATIVE, *texts_for["enthusiastic"]}
+    assert all(pair[side][0]["content"] not in contrast_texts for pair in held_out for side in ("chosen", "rejected"))
 
 
 def test_the_gold_reads_conversational_completions():
     scores = real_demo.gold([answer(POSITIVE[0]), answer(NEGATIVE[0])])
     assert scores[0] > 0.5 > -0.5 > scores[1]
+
+
+def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    base = build_tiny_causal_lm(tokenizer)
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    prompts = [chat("a tent"), chat("a sofa and a lamp")]
+    groups = [[{"ids": tokenizer.encode(text)} for text in texts] for texts in (["good", "ok fine"], ["bad!"])]
+    expected = []  # one answer at a time, from the definition: sum over its tokens of log pi - log pi_ref
+    for prompt, group in zip(prompts, groups):
+        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+        for answer_ in group:
+            ids = torch.tensor([prompt_ids + answer_["ids"]])
+            with torch.no_grad():
+                policy = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+                with model.disable_adapter():
+                    reference = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
+            tokens = ids[0, 1:, None]
+            log_ratio = (policy.gather(-1, tokens) - reference.gather(-1, tokens))[len(prompt_ids) - 1 :]
+            expected.append(log_ratio.sum().item())
+    kl = real_demo.mean_kl(model, tokenizer, prompts, groups, batch_size=2)  # one batch with padding, one without
+    assert abs(sum(expected) / 3) > 1e-3  # the adapter moved the policy
+    assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -111,6 +141,8 @@ def test_the_gold_reads_conversational_completions():
         ("num_threads", 0),
         ("negative_answers_per_prompt", 4),
         ("negative_answers_per_prompt", -1),
+        ("positive_answers_per_prompt", -1),
+        ("positive_answers_per_prompt", 4),
     ],
 )
 def test_bad_arguments_name_the_field(field, value):
@@ -124,6 +156,27 @@ def test_reward_from_a_folder_without_a_finished_run_is_refused_before_any_model
     args = real_demo.RealDemoArguments(reward_from=str(tmp_path), output_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"reward_from: .* has no preferences, reward folder"):
         real_demo.run(args)
+
+
+def test_each_finished_seed_is_written_before_the_next_seed_runs(tmp_path, monkeypatch):
+    """A failure in a later seed keeps the summary and logs of the seeds that finished."""
+
+    def fake_run_seed(model_name, data_dir, args, seed):
+        if seed == 1:
+            raise RuntimeError("out of memory in seed 1")
+        data_dir.mkdir(parents=True)
+        return {key: 0.5 for key in real_demo.SUMMARY_KEYS} | {"seed": seed, "logs": {"reward": [], "reinforce": []}}
+
+    monkeypatch.setattr(real_demo, "prepare_model", lambda args: "model")
+    monkeypatch.setattr(real_demo, "run_seed", fake_run_seed)
+    monkeypatch.setattr(real_demo, "plot_curves", lambda runs, path: path.write_text("plot"))
+    args = real_demo.RealDemoArguments(seeds=[0, 1], output_dir=str(tmp_path))
+    with pytest.raises(RuntimeError, match="seed 1"):
+        real_demo.run(args)
+    summary = json.loads((tmp_path / real_demo.SUMMARY_FILE).read_text())
+    assert [run["seed"] for run in summary["runs"]] == [0]
+    assert summary["gold_gain"]["mean"] == 0.5
+    assert (tmp_path / "seed_0" / "training_logs.json").is_file()
 
 
 # ---------------------------------------------------------------- on SmolLM2-135M-Instruct (slow)

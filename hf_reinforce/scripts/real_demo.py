@@ -63,8 +63,9 @@ from hf_reinforce.scripts.demo import (  # noqa: E402
 
 RECIPES = Path(__file__).resolve().parent.parent.parent / "recipes" / "smollm2-135m"
 PROMPT = "Write a one-sentence review of {item}."
-# Only to write some of the reward model's training answers: the pairs keep PROMPT
+# Only to write some of the reward model's training answers (contrast prompts): the pairs keep PROMPT
 NEGATIVE_PROMPT = "Write a one-sentence negative review of {item}."
+POSITIVE_PROMPT = "Write a one-sentence enthusiastic review of {item}."
 # Things to review: every kind of product, place, work and service, so that no one word pleases the judge everywhere.
 ITEMS = (
     "a pizza restaurant, a sushi bar, a vegan cafe, a food truck, a bakery, a steakhouse, a noodle shop, an ice cream "
@@ -119,9 +120,9 @@ class RealDemoArguments:
         default=False, metadata={"help": "Shrink every stage to a smoke run of a few minutes (numbers mean nothing)."}
     )
     num_held_out_items: int = field(default=32, metadata={"help": "Items never trained on, for every evaluation."})
-    num_pair_prompts: int = field(default=128, metadata={"help": "Training prompts the model answers to make pairs."})
+    num_pair_prompts: int = field(default=112, metadata={"help": "Training prompts the model answers to make pairs."})
     completions_per_prompt: int = field(
-        default=4, metadata={"help": "Answers sampled per prompt; every two with different gold make a pair."}
+        default=5, metadata={"help": "Answers sampled per prompt; every two with different gold make a pair."}
     )
     negative_answers_per_prompt: int = field(
         default=1,
@@ -131,12 +132,20 @@ class RealDemoArguments:
             "the reward model what the judge dislikes (contrast prompts, as in RLCD). Held-out pairs are all plain."
         },
     )
+    positive_answers_per_prompt: int = field(
+        default=1,
+        metadata={
+            "help": "How many of a training prompt's answers are written to a request for an enthusiastic review "
+            "instead (their pairs keep the plain prompt): they show the reward model the warmer answers that "
+            "REINFORCE will move the policy towards, in the model's own words."
+        },
+    )
     tau: float = field(
         default=0.2, metadata={"help": "Temperature of the soft labels sigmoid((g_chosen - g_rejected) / tau)."}
     )
     reward_steps: int | None = field(default=None, metadata={"help": "Reward-model steps (default: the recipe's)."})
     reinforce_steps: int | None = field(default=None, metadata={"help": "REINFORCE steps (default: the recipe's)."})
-    samples_per_eval_prompt: int = field(default=4, metadata={"help": "Answers sampled per held-out item."})
+    samples_per_eval_prompt: int = field(default=8, metadata={"help": "Answers sampled per held-out item."})
     reward_from: str | None = field(
         default=None,
         metadata={
@@ -159,10 +168,15 @@ class RealDemoArguments:
             raise ValueError(f"num_held_out_items={self.num_held_out_items} must lie between 1 and {len(ITEMS) - 1}.")
         if self.completions_per_prompt < 2:
             raise ValueError(f"completions_per_prompt={self.completions_per_prompt} must be at least 2 to make pairs.")
-        if not 0 <= self.negative_answers_per_prompt < self.completions_per_prompt:
+        for name in ("negative_answers_per_prompt", "positive_answers_per_prompt"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be 0 or more.")
+        contrast = self.negative_answers_per_prompt + self.positive_answers_per_prompt
+        if contrast >= self.completions_per_prompt:
             raise ValueError(
-                f"negative_answers_per_prompt={self.negative_answers_per_prompt} must lie between 0 and "
-                f"completions_per_prompt - 1 = {self.completions_per_prompt - 1}: each prompt keeps a plain answer."
+                f"negative_answers_per_prompt + positive_answers_per_prompt = {contrast} must be below "
+                f"completions_per_prompt = {self.completions_per_prompt}: each prompt keeps a plain answer. Lower "
+                "them or raise completions_per_prompt."
             )
         if not self.tau > 0:
             raise ValueError(f"tau={self.tau} must be positive.")
@@ -403,25 +417,36 @@ def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: 
     return with_metrics_on_progress_bar(trainer, metrics)
 
 
-def answer_logp(model, input_ids: torch.Tensor, prompt_length: int) -> float:
-    """log p of the answer tokens (after the first `prompt_length` tokens of `input_ids`) under `model`."""
-    logps = model(input_ids=input_ids).logits[:, prompt_length - 1 : -1].float().log_softmax(-1)
-    return logps.gather(-1, input_ids[:, prompt_length:].unsqueeze(-1)).sum().item()
+def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor):
+    """Per row, log p under `model` of the tokens where `answer_mask` is 1. All (B, T), right-padded; returns (B,)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()  # (B, T-1, V)
+    token_logps = logits.gather(-1, input_ids[:, 1:, None]).squeeze(-1) - logits.logsumexp(-1)  # (B, T-1)
+    return (token_logps * answer_mask[:, 1:]).sum(-1)
 
 
 @torch.no_grad()
-def mean_kl(model, tokenizer, prompts: list[list[dict]], groups: list[list[dict]]) -> float:
+def mean_kl(model, tokenizer, prompts: list[list[dict]], groups: list[list[dict]], batch_size: int = 16) -> float:
     """KL(policy || base) per answer, estimated on the policy's own samples: the mean of sum_t log pi - log pi_ref
     over each answer's tokens (the reference is the same 4-bit base with the adapters switched off)."""
-    differences = []
+    rows = []
     for prompt, group in zip(prompts, groups, strict=True):
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
-        for answer in group:
-            input_ids = torch.tensor([prompt_ids + answer["ids"]], device=model.device)
-            policy = answer_logp(model, input_ids, len(prompt_ids))
-            with model.disable_adapter():
-                reference = answer_logp(model, input_ids, len(prompt_ids))
-            differences.append(policy - reference)
+        rows += [(prompt_ids, answer["ids"]) for answer in group]
+    differences = []
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        length = max(len(prompt) + len(answer) for prompt, answer in batch)
+        input_ids = torch.full((len(batch), length), tokenizer.pad_token_id)
+        attention_mask, answer_mask = torch.zeros_like(input_ids), torch.zeros_like(input_ids)
+        for row, (prompt, answer) in enumerate(batch):
+            input_ids[row, : len(prompt) + len(answer)] = torch.tensor(prompt + answer)
+            attention_mask[row, : len(prompt) + len(answer)] = 1
+            answer_mask[row, len(prompt) : len(prompt) + len(answer)] = 1
+        tensors = [t.to(model.device) for t in (input_ids, attention_mask, answer_mask)]
+        policy = answer_logps(model, *tensors)
+        with model.disable_adapter():
+            reference = answer_logps(model, *tensors)
+        differences += (policy - reference).tolist()
     return statistics.fmean(differences)
 
 
@@ -435,18 +460,25 @@ def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArgument
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32)
     pair_items = random.Random(seed).choices(train_items, k=args.num_pair_prompts)
     # Held-out pairs: the model's own answers to the plain prompt, as REINFORCE will sample them
-    negatives = {"train": args.negative_answers_per_prompt, "test": 0}
+    contrasts = {
+        "train": {
+            NEGATIVE_PROMPT: args.negative_answers_per_prompt,
+            POSITIVE_PROMPT: args.positive_answers_per_prompt,
+        },
+        "test": {},
+    }
     splits = {"train": pair_items, "test": held_out_items}
     for offset, (split, items) in enumerate(splits.items()):
         prompts = [chat_prompt(item) for item in items]
-        plain = args.completions_per_prompt - negatives[split]
+        plain = args.completions_per_prompt - sum(contrasts[split].values())
         groups = sample_answers(model, tokenizer, prompts, plain, sampling, seed + offset, f"sampling {split} pairs")
-        if negatives[split]:
-            negative_prompts = [chat_prompt(item, NEGATIVE_PROMPT) for item in items]
-            negative_groups = sample_answers(
-                model, tokenizer, negative_prompts, negatives[split], sampling, seed + offset, "negative answers"
-            )
-            groups = [group + negative for group, negative in zip(groups, negative_groups, strict=True)]
+        for template, count in contrasts[split].items():
+            if count:
+                contrast_prompts = [chat_prompt(item, template) for item in items]
+                contrast_groups = sample_answers(
+                    model, tokenizer, contrast_prompts, count, sampling, seed + offset, "contrast answers"
+                )
+                groups = [group + extra for group, extra in zip(groups, contrast_groups, strict=True)]
         pairs = label_pairs(prompts, groups, args.tau)
         if not pairs:
             raise ValueError(
@@ -650,10 +682,16 @@ def run(args: RealDemoArguments) -> dict:
         check_reward_from(seed_dir(Path(args.reward_from), seed, len(args.seeds)))
     model_name = prepare_model(args)
     runs = []
+    summary = {"runs": runs}  # what --data_only returns
     for seed in args.seeds:
         runs.append(run_seed(model_name, seed_dir(output_dir, seed, len(args.seeds)), args, seed))
-    if args.data_only:
-        return {"runs": runs}
+        if not args.data_only:  # after every seed, so that a later seed's failure loses nothing finished
+            summary = write_summary(runs, model_name, args)
+    return summary
+
+
+def write_summary(runs: list[dict], model_name: str, args: RealDemoArguments) -> dict:
+    """summary.json and the plot over the seeds finished so far, and each one's training logs beside its models."""
     summary = {
         **{key: over_seeds(runs, key) for key in SUMMARY_KEYS},
         "runs": [{key: value for key, value in run.items() if key != "logs"} for run in runs],
@@ -663,10 +701,11 @@ def run(args: RealDemoArguments) -> dict:
         "model": model_name,
         "arguments": dataclasses.asdict(args),
     }
+    output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, output_dir / PLOT_FILE)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    for run_result in runs:  # each seed's training logs beside its models
+    for run_result in runs:
         logs_dir = seed_dir(output_dir, run_result["seed"], len(args.seeds))
         (logs_dir / "training_logs.json").write_text(json.dumps(run_result["logs"]) + "\n")
     return summary

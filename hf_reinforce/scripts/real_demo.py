@@ -539,29 +539,17 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
     eval_prompts = [row["prompt"] for row in read_jsonl(source_dir / "prompts" / "test.jsonl")]
     with stages.stage("reinforce", f"REINFORCE, baseline {args.baseline} (QLoRA)"):
         trainer = build_reinforce_trainer(model_name, source_dir, data_dir / POLICY_DIR, args, seed)
-        # The policy's LoRA adapter starts at zero: this samples the 4-bit base that REINFORCE starts from
-        before = sample_answers(
-            trainer.model,
-            tokenizer,
-            eval_prompts,
-            args.samples_per_eval_prompt,
-            sampling,
-            seed,
-            desc="sampling held-out answers before",
+        # The same prompts and draws before and after training
+        sample_held_out = functools.partial(
+            sample_answers, trainer.model, tokenizer, eval_prompts, args.samples_per_eval_prompt, sampling, seed
         )
+        # The policy's LoRA adapter starts at zero: this samples the 4-bit base that REINFORCE starts from
+        before = sample_held_out(desc="sampling held-out answers before")
         trainer.train()
         trainer.save_model()
 
     with stages.stage("evaluate", "held-out gold reward and KL"):
-        after = sample_answers(
-            trainer.model,
-            tokenizer,
-            eval_prompts,
-            args.samples_per_eval_prompt,
-            sampling,
-            seed,
-            desc="sampling held-out answers after",
-        )
+        after = sample_held_out(desc="sampling held-out answers after")
         kl = mean_kl(trainer.model, tokenizer, eval_prompts, after)
     stages.progress.close()
 
@@ -687,11 +675,13 @@ def run(args: RealDemoArguments) -> dict:
         runs.append(run_seed(model_name, seed_dir(output_dir, seed, len(args.seeds)), args, seed))
         if not args.data_only:  # after every seed, so that a later seed's failure loses nothing finished
             summary = write_summary(runs, model_name, args)
+            logs = json.dumps(runs[-1]["logs"]) + "\n"  # beside that seed's models
+            (seed_dir(output_dir, seed, len(args.seeds)) / "training_logs.json").write_text(logs)
     return summary
 
 
 def write_summary(runs: list[dict], model_name: str, args: RealDemoArguments) -> dict:
-    """summary.json and the plot over the seeds finished so far, and each one's training logs beside its models."""
+    """summary.json and the plot over the seeds finished so far."""
     summary = {
         **{key: over_seeds(runs, key) for key in SUMMARY_KEYS},
         "runs": [{key: value for key, value in run.items() if key != "logs"} for run in runs],
@@ -705,9 +695,6 @@ def write_summary(runs: list[dict], model_name: str, args: RealDemoArguments) ->
     output_dir.mkdir(parents=True, exist_ok=True)
     plot_curves(runs, output_dir / PLOT_FILE)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    for run_result in runs:
-        logs_dir = seed_dir(output_dir, run_result["seed"], len(args.seeds))
-        (logs_dir / "training_logs.json").write_text(json.dumps(run_result["logs"]) + "\n")
     return summary
 
 

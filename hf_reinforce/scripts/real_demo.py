@@ -87,8 +87,6 @@ ITEMS = (
     "chess set, a houseplant, a pet shop, a dog groomer, a farmers market, a shopping mall, a bookshop, a florist"
 ).split(", ")
 DATA_DIRS = ("preferences", "prompts")
-# The base model's own answers to the training prompts: the reward model's scale is measured on them
-BASE_ANSWERS_FILE = "base_answers.jsonl"
 REWARD_DIR, POLICY_DIR = "reward", "reinforce"
 PLOT_FILE, SUMMARY_FILE = "training_curves.png", "summary.json"
 STAGES = ("preferences", "reward model", "reinforce", "evaluate")
@@ -148,16 +146,6 @@ class RealDemoArguments:
     reward_steps: int | None = field(default=None, metadata={"help": "Reward-model steps (default: the recipe's)."})
     reinforce_steps: int | None = field(default=None, metadata={"help": "REINFORCE steps (default: the recipe's)."})
     samples_per_eval_prompt: int = field(default=8, metadata={"help": "Answers sampled per held-out item."})
-    reward_std: float | None = field(
-        default=1.25,
-        metadata={
-            "help": "Scale the learned reward so that its standard deviation over the base model's own answers to "
-            "the training prompts is this (Ziegler et al. 2019 normalise theirs likewise). A Bradley-Terry reward "
-            "model's scale is arbitrary and differs from one training to the next (0.94 to 1.27 over three seeds "
-            "here): fixed, the KL coefficient and learning rate of the REINFORCE recipe mean the same for every "
-            "reward model. None leaves the reward as the reward model gives it."
-        },
-    )
     reward_from: str | None = field(
         default=None,
         metadata={
@@ -192,8 +180,6 @@ class RealDemoArguments:
             )
         if not self.tau > 0:
             raise ValueError(f"tau={self.tau} must be positive.")
-        if self.reward_std is not None and not (math.isfinite(self.reward_std) and self.reward_std > 0):
-            raise ValueError(f"reward_std={self.reward_std} must be a positive number, or None to leave it unscaled.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be at least 1 (or left out: the cores available).")
 
@@ -370,46 +356,29 @@ def train_reward_model(model: str, data_dir: Path, output_dir: Path, args: RealD
     return trainer
 
 
-def reward_model_quality(adapter_dir: Path, pairs: list[dict], base_answers: list[dict]) -> dict:
+def reward_model_quality(adapter_dir: Path, pairs: list[dict]) -> dict:
     """On held-out pairs, scored exactly as `ReinforceTrainer` scores finished answers (the adapter back on its 4-bit
     base, the conversation rendered by the chat template): the share ranked as the gold ranks them, and the Pearson
-    correlation of its scores with the gold over the distinct answers; and the standard deviation of its scores over
-    the base model's answers to the training prompts (no gold involved), which sets the reward's scale."""
+    correlation of its scores with the gold over the distinct answers."""
     model, tokenizer = load_reward_adapter(adapter_dir)
     scorer = RewardModelScorer(model, tokenizer, [tokenizer.eos_token_id], name="reward_model")
-
-    def score(prompts: list, completions: list) -> list[float]:  # finished answers, as REINFORCE scores them
-        finished = [[tokenizer.eos_token_id]] * len(prompts)
-        return scorer(prompts=prompts, completions=completions, completion_ids=finished)
-
+    finished = [[tokenizer.eos_token_id]] * len(pairs)
     prompts = [pair["prompt"] for pair in pairs]
-    chosen = score(prompts, [pair["chosen"] for pair in pairs])
-    rejected = score(prompts, [pair["rejected"] for pair in pairs])
+    chosen = scorer(prompts=prompts, completions=[pair["chosen"] for pair in pairs], completion_ids=finished)
+    rejected = scorer(prompts=prompts, completions=[pair["rejected"] for pair in pairs], completion_ids=finished)
     by_answer = {}
     for pair, score_c, score_r in zip(pairs, chosen, rejected, strict=True):
         by_answer[json.dumps(pair["prompt"] + pair["chosen"])] = (score_c, pair["gold_chosen"])
         by_answer[json.dumps(pair["prompt"] + pair["rejected"])] = (score_r, pair["gold_rejected"])
     learned, golden = zip(*by_answer.values())
-    base_scores = score([row["prompt"] for row in base_answers], [row["completion"] for row in base_answers])
     return {
         "reward_model_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs),
         "reward_model_gold_correlation": statistics.correlation(learned, golden),
         "num_held_out_pairs": len(pairs),
-        "reward_model_std_on_base_answers": statistics.stdev(base_scores),
     }
 
 
-def learned_reward_weight(args: RealDemoArguments, quality: dict) -> float:
-    """The weight of the learned reward in REINFORCE: `reward_std` over its standard deviation on the base model's
-    answers to the training prompts."""
-    if args.reward_std is None:
-        return 1.0
-    return args.reward_std / quality["reward_model_std_on_base_answers"]
-
-
-def build_reinforce_trainer(
-    model: str, data_dir: Path, output_dir: Path, args: RealDemoArguments, seed: int, reward_weight: float
-):
+def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: RealDemoArguments, seed: int):
     overrides = [
         "--model_name_or_path",
         model,
@@ -424,7 +393,7 @@ def build_reinforce_trainer(
         "--baseline",
         args.baseline,
         "--reward_weights",
-        str(reward_weight),
+        "1.0",
         "0.0",
     ]
     if args.reinforce_steps is not None:
@@ -503,14 +472,6 @@ def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArgument
         prompts = [chat_prompt(item) for item in items]
         plain = args.completions_per_prompt - sum(contrasts[split].values())
         groups = sample_answers(model, tokenizer, prompts, plain, sampling, seed + offset, f"sampling {split} pairs")
-        if split == "train":
-            base_answers = [
-                {"prompt": prompt, "completion": [{"role": "assistant", "content": answer["text"]}]}
-                for prompt, group in zip(prompts, groups, strict=True)
-                for answer in group
-                if answer["finished"] and answer["text"]
-            ]
-            write_jsonl(base_answers, data_dir / BASE_ANSWERS_FILE)
         for template, count in contrasts[split].items():
             if count:
                 contrast_prompts = [chat_prompt(item, template) for item in items]
@@ -535,18 +496,16 @@ def seed_dir(output_dir: Path, seed: int, num_seeds: int) -> Path:
 
 def check_reward_from(source_dir: Path) -> None:
     missing = [name for name in (*DATA_DIRS, REWARD_DIR) if not (source_dir / name).is_dir()]
-    missing += [] if (source_dir / BASE_ANSWERS_FILE).is_file() else [BASE_ANSWERS_FILE]
     if missing:
         raise ValueError(
-            f"reward_from: {source_dir} has no {', '.join(missing)}; give the output folder of a finished "
+            f"reward_from: {source_dir} has no {', '.join(missing)} folder; give the output folder of a finished "
             "`hf-reinforce real-demo` run with the same seeds."
         )
 
 
 def held_out_quality(run_dir: Path) -> dict:
     """The reward model of `run_dir` against the gold on that run's held-out pairs."""
-    held_out_pairs = read_jsonl(run_dir / "preferences" / "test.jsonl")
-    return reward_model_quality(run_dir / REWARD_DIR, held_out_pairs, read_jsonl(run_dir / BASE_ANSWERS_FILE))
+    return reward_model_quality(run_dir / REWARD_DIR, read_jsonl(run_dir / "preferences" / "test.jsonl"))
 
 
 def data_and_reward_model(model_name: str, data_dir: Path, args, seed: int, stages) -> tuple[Path, dict, list]:
@@ -579,8 +538,7 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
 
     eval_prompts = [row["prompt"] for row in read_jsonl(source_dir / "prompts" / "test.jsonl")]
     with stages.stage("reinforce", f"REINFORCE, baseline {args.baseline} (QLoRA)"):
-        reward_weight = learned_reward_weight(args, quality)
-        trainer = build_reinforce_trainer(model_name, source_dir, data_dir / POLICY_DIR, args, seed, reward_weight)
+        trainer = build_reinforce_trainer(model_name, source_dir, data_dir / POLICY_DIR, args, seed)
         # The same prompts and draws before and after training
         sample_held_out = functools.partial(
             sample_answers, trainer.model, tokenizer, eval_prompts, args.samples_per_eval_prompt, sampling, seed
@@ -608,7 +566,6 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
         "gold_reward_before_stderr": stderr_before,
         "gold_reward_after_stderr": stderr_after,
         **quality,
-        "reward_weight": reward_weight,
         "kl_per_answer_held_out": kl,
         "kl_per_token_training": tail_mean(train_kl) if train_kl else None,
         "critic_explained_variance": tail_mean(explained_variances) if explained_variances else None,

@@ -672,11 +672,11 @@ def run(args: RealDemoArguments) -> dict:
     runs = []
     summary = {"runs": runs}  # what --data_only returns
     for seed in args.seeds:
-        runs.append(run_seed(model_name, seed_dir(output_dir, seed, len(args.seeds)), args, seed))
+        run_dir = seed_dir(output_dir, seed, len(args.seeds))
+        runs.append(run_seed(model_name, run_dir, args, seed))
         if not args.data_only:  # after every seed, so that a later seed's failure loses nothing finished
             summary = write_summary(runs, model_name, args)
-            logs = json.dumps(runs[-1]["logs"]) + "\n"  # beside that seed's models
-            (seed_dir(output_dir, seed, len(args.seeds)) / "training_logs.json").write_text(logs)
+            (run_dir / "training_logs.json").write_text(json.dumps(runs[-1]["logs"]) + "\n")  # beside its models
     return summary
 
 

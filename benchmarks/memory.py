@@ -35,18 +35,21 @@ Each configuration runs in its own process (`--worker`), repeated `--repeats` ti
 sizes, with `--threads` torch threads. Memory is the process's own: on CUDA `torch.cuda.max_memory_allocated`
 (`--card_gib` caps the process as a smaller card would); on CPU the peak resident set size (VmHWM, what
 `getrusage(RUSAGE_SELF).ru_maxrss` reports) minus the resident size right after the imports (the "import floor",
-reported apart). The peak is also taken per phase of the step, the high-water mark being reset between phases
-(/proc/self/clear_refs after glibc's malloc_trim, or `torch.cuda.reset_peak_memory_stats`). On CPU the process also
-holds memory that is no tensor (libraries loaded on first use, allocator caches): this "runtime residue", measured at
-the start of the last micro-step, is taken off the peaks before they are compared with the estimate. A configuration
-that runs out of memory, is killed or times out is recorded with that status, not dropped. The step time is the
-trainer's own `step_time` over steps 2..N. Written to --output_dir as the runs finish: measurements.json (every run,
-and the summary) and results.md (the tables).
+reported apart), with glibc told to give every allocation of 64 KiB or more a mapping of its own (`--cpu_allocator
+live-tensors`; see `CPU_ALLOCATORS`), so that memory freed by one pass is not counted again in the next. The peak is
+also taken per phase of the step, the high-water mark being reset between phases (/proc/self/clear_refs after glibc's
+malloc_trim, or `torch.cuda.reset_peak_memory_stats`). On CPU the process also holds memory that is no tensor
+(libraries loaded on first use, allocator caches): this "runtime residue", measured at the start of the last
+micro-step, is taken off the peaks before they are compared with the estimate. A configuration that runs out of memory,
+is killed or times out is recorded with that status, not dropped. The step time is the trainer's own `step_time` over
+steps 2..N. Written to --output_dir as the runs finish: measurements.json (every run, and the summary) and results.md
+(the tables).
 """
 
 import argparse
 import ctypes
 import dataclasses
+import gc
 import json
 import os
 import signal
@@ -85,6 +88,13 @@ SIZES = {
 }
 FIRST_EXTRA_CHARACTER = 0x4E00  # CJK ideographs: thousands of single characters before the surrogates at 0xD800
 LOADING, OUTSIDE = "loading", "optimizer step and the rest"
+# glibc's malloc serves a freed tensor's memory to later, smaller tensors and keeps it resident, and from the first
+# large free on it raises its mmap threshold to 32 MiB: the peak resident set then depends on the order of past
+# allocations more than on the tensors alive at the peak. A fixed threshold of 64 KiB gives every tensor of that size
+# a mapping of its own, returned to the system when freed, so that the peak resident set follows the live tensors
+# as CUDA's max_memory_allocated does.
+CPU_ALLOCATORS = {"live-tensors": {"MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}, "glibc": {}}
+ALLOCATOR_VARIABLES = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
 HELD_GROUPS = ("frozen weights", "trainable weights", "optimizer states")
 PHASE_METHODS = {
     # phase: (class, method); the log-probability passes count only without gradients (the policy's own forward
@@ -357,16 +367,52 @@ def quant_state_tensors(state) -> list[torch.Tensor]:
     return [tensor for tensor in constants if isinstance(tensor, torch.Tensor)]
 
 
+def trainer_modules(trainer) -> list[torch.nn.Module]:
+    """Every model the trainer holds: policy, reference, critic and reward models."""
+    modules = [trainer.model, trainer.ref_model, getattr(trainer, "value_model", None)]
+    # ReinforceTrainer wraps reward models in a scorer that holds the model as `.model`
+    modules += [getattr(f, "model", f) for f in trainer.reward_funcs]
+    return [module for module in modules if isinstance(module, torch.nn.Module)]
+
+
+def model_file_mappings() -> list[tuple[int, int]]:
+    """The address ranges of the safetensors files this process has mapped."""
+    ranges = []
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split()
+        if len(fields) >= 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(address, 16) for address in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@torch.no_grad()
+def copy_out_of_model_files(modules) -> int:
+    """Give every tensor that is still a view of a mapped safetensors file memory of its own; returns their bytes.
+
+    transformers maps the files it loads, and on CPU keeps the tensors it does not quantize (embeddings, norms, the
+    LM head) as views of that mapping, which keeps the whole mapping alive and every page read while quantizing
+    resident (1.3 GB of a 1.6 GB file at 800M), although only those tensors are in use. A GPU holds none of it, and
+    the kernel may drop it at will: copied out, the tensors are counted once, as anonymous memory, and the file's
+    pages leave the resident set when the mapping closes. Every layout goes through this alike."""
+    ranges, copied, seen = model_file_mappings(), 0, set()
+    for module in modules:
+        for tensor in [*module.parameters(), *module.buffers()]:
+            address = tensor.untyped_storage().data_ptr()
+            if id(tensor) in seen or not any(start <= address < end for start, end in ranges):
+                continue
+            seen.add(id(tensor))  # a tied weight is one Parameter: copied once, it stays tied
+            tensor.data = tensor.data.clone()
+            copied += tensor.numel() * tensor.element_size()
+    return copied
+
+
 def held_bytes(trainer) -> dict[str, int]:
     """Bytes of the weights the run holds, trainable (what an optimizer updates: adapters, value head) and frozen
     (bases, the reward adapter), and of the optimizers' states."""
     optimizers = [trainer.optimizer] + ([trainer.critic.optimizer] if getattr(trainer, "critic", None) else [])
     trained = {p.untyped_storage().data_ptr() for o in optimizers for group in o.param_groups for p in group["params"]}
-    modules = [trainer.model, trainer.ref_model, getattr(trainer, "value_model", None)]
-    # ReinforceTrainer wraps reward models in a scorer that holds the model as `.model`
-    modules += [getattr(f, "model", f) for f in trainer.reward_funcs]
-    modules = [module for module in modules if isinstance(module, torch.nn.Module)]
-    tensors = distinct_tensors(modules)
+    tensors = distinct_tensors(trainer_modules(trainer))
     trainable = sum(t.numel() * t.element_size() for key, t in tensors.items() if key in trained)
     frozen = sum(t.numel() * t.element_size() for key, t in tensors.items() if key not in trained)
     states = [value for o in optimizers for state in o.state.values() for value in state.values()]
@@ -417,11 +463,15 @@ def run_configuration(spec: dict) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, spec["card_gib"] * 2**30 / total))
     meter = PeakMemory(device)
     result = {"spec": spec, "device": device, "import_floor_mb": meter.floor / MiB, "status": "ok"}
+    result["allocator_env"] = {name: os.environ[name] for name in ALLOCATOR_VARIABLES if name in os.environ}
     if spec["layout"] == "one-base" and not has_shared_reward_option():
         return {**result, "status": "skipped: ReinforceConfig has no reward_shares_base field yet"}
     with tempfile.TemporaryDirectory() as output_dir, PhasePeaks(meter) as phases:
         try:
             trainer = build_trainer(spec, device, output_dir)
+            if device == "cpu":
+                result["copied_out_of_model_files_mb"] = copy_out_of_model_files(trainer_modules(trainer)) / MiB
+                gc.collect()
             phases.start_training()
             trainer.train()
         except (torch.OutOfMemoryError, MemoryError):
@@ -454,7 +504,8 @@ def run_subprocess(spec: dict, work_dir: Path, timeout: float) -> dict:
     spec_path = work_dir / f"spec-{time.monotonic_ns()}.json"
     result_path = spec_path.with_suffix(".result.json")
     spec_path.write_text(json.dumps(spec))
-    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"]), "HF_HUB_OFFLINE": "1"}
+    env = {name: value for name, value in os.environ.items() if name not in ALLOCATOR_VARIABLES}
+    env.update(OMP_NUM_THREADS=str(spec["threads"]), HF_HUB_OFFLINE="1", **CPU_ALLOCATORS[spec["cpu_allocator"]])
     command = [sys.executable, __file__, "--worker", str(spec_path), "--result", str(result_path)]
     try:
         process = subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
@@ -577,6 +628,13 @@ def main():
         "--activation_checkpointing", default="true", choices=["true", "false"], help="As the recipes: true."
     )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads per process.")
+    parser.add_argument(
+        "--cpu_allocator",
+        default="live-tensors",
+        choices=list(CPU_ALLOCATORS),
+        help="On CPU: live-tensors (glibc with a fixed 64 KiB mmap threshold: freed tensors leave the resident set) "
+        "or glibc (its defaults).",
+    )
     parser.add_argument("--card_gib", type=float, help="On CUDA: cap each process to this many GiB.")
     parser.add_argument("--timeout", type=float, default=3600, help="Seconds before a run counts as timed out.")
     parser.add_argument("--output_dir", default="outputs/memory", help="Where measurements.json, results.md go.")
@@ -629,6 +687,7 @@ def base_spec(args) -> dict:
         "activation_checkpointing": args.activation_checkpointing == "true",
         "threads": args.threads,
         "card_gib": args.card_gib,
+        "cpu_allocator": args.cpu_allocator,
     }
 
 
@@ -650,6 +709,7 @@ def prepare_models(args, work_dir: Path) -> dict[str, dict]:
                 "lora_r": args.lora_r,
             }
             spec.update(max_positions=args.prompt_length + args.max_completion_length + 8, threads=args.threads)
+            spec["cpu_allocator"] = args.cpu_allocator
             saved = run_subprocess(spec, work_dir, args.timeout)
             if saved["status"] != "ok":
                 raise SystemExit(f"Building the {size} models failed: {saved['status']}")
@@ -665,7 +725,8 @@ def prepare_models(args, work_dir: Path) -> dict[str, dict]:
 def header(args) -> str:
     device = "CUDA" if torch.cuda.is_available() else "CPU"
     return (
-        f"# Memory by layout\n\n{device}, {args.threads} threads, torch {torch.__version__}, {args.dtype}; "
+        f"# Memory by layout\n\n{device}, {args.threads} threads, torch {torch.__version__}, {args.dtype}, "
+        f"{'CPU allocator ' + args.cpu_allocator + '; ' if device == 'CPU' else ''}"
         f"{args.per_device_train_batch_size} x {args.gradient_accumulation_steps} completions of "
         f"{args.prompt_length} + {args.max_completion_length} tokens per step; {args.steps} steps x {args.repeats} "
         "interleaved runs per configuration."

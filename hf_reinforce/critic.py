@@ -360,7 +360,23 @@ def build_value_model(value_model, policy, reward_funcs, args, accelerator, quan
     critic = _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config)
     if not isinstance(value_model, ValueHeadModel):
         critic.accumulation_length = args.max_completion_length
+    if args.activation_checkpointing and critic.adapter_name is None:
+        checkpoint_activations(critic.backbone, args.activation_checkpointing_kwargs)
     return critic
+
+
+def checkpoint_activations(backbone: PreTrainedModel | PeftModel, checkpointing_kwargs: dict | None) -> None:
+    """Activation checkpointing on a critic of its own, as `Trainer` sets it on the policy: a critic on the policy's
+    base has it with that base, one of its own would otherwise keep every layer's activations for its backward."""
+    kwargs = dict(checkpointing_kwargs or {})
+    every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+    model = backbone.get_base_model() if isinstance(backbone, PeftModel) else backbone
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        logger.warning(f"{type(model).__name__} does not support activation checkpointing: the critic runs without.")
+        return
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers, offload=offload
+    )
 
 
 def _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config) -> ValueHeadModel:

@@ -550,7 +550,7 @@ def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
 
     if setup.critic != "none":
         critic_layer = layer_activation_bytes(shape, c, False, r, targets, 4)  # the critic runs outside autocast
-        checkpointed = setup.activation_checkpointing and setup.critic == "shared"  # the trainer's model only
+        checkpointed = setup.activation_checkpointing  # a critic of its own as well as one on the shared base
         acts = stack_activation_bytes(b * s, critic_layers, critic_layer, c, h, checkpointed)
         acts += b * s * VALUE_HEAD_FEATURES * 4 * h
         note = f"{critic_layers} layers, {critic_layer / 1024:.0f} KiB/layer/token, checkpointing {checkpointed}"

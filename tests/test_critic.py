@@ -178,6 +178,41 @@ def test_critic_starts_as_a_4bit_reward_adapter(tmp_path, tiny_paths, shares_bas
     assert all(not torch.equal(b, p) for b, p in zip(before, critic_parameters))
 
 
+def count_letters(completions, **kwargs) -> list[float]:
+    return [float(len(completion)) for completion in completions]
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_a_critic_of_its_own_checkpoints_activations_as_the_policy_does(tmp_path, tiny_paths, quantized):
+    """`activation_checkpointing` reaches a critic on a base of its own too, and changes none of its gradients."""
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=count_letters,
+        args=run_args(tmp_path, critic_shares_base=False, activation_checkpointing=True),
+        train_dataset=PROMPTS,
+        quantization_config=NF4 if quantized else None,
+        peft_config=LORA,
+    )
+    critic = trainer.value_model
+    decoder = critic.backbone.get_base_model()
+    assert critic.backbone is not trainer.model and decoder.is_activation_checkpointing
+    with torch.no_grad():  # LoRA's B and the head start at zero: some gradients would be zero whatever happened
+        for parameter in critic.trainable_parameters():
+            parameter.normal_(std=0.1)
+    input_ids = AutoTokenizer.from_pretrained(tiny_paths["policy"])(TEXTS[1:2], return_tensors="pt")["input_ids"]
+
+    def gradients() -> list[torch.Tensor]:
+        critic.zero_grad(set_to_none=True)
+        critic(input_ids).square().sum().backward()
+        return [parameter.grad.clone() for parameter in critic.trainable_parameters()]
+
+    checkpointed = gradients()
+    decoder.activation_checkpointing_disable()
+    for with_checkpoints, without in zip(checkpointed, gradients()):
+        assert with_checkpoints.abs().sum() > 0
+        torch.testing.assert_close(with_checkpoints, without)
+
+
 def test_warm_start_from_the_reward_model_learns_faster_than_a_cold_start(tmp_path):
     """On a pretrained language model with a reward model trained on its own completions, as in the demo.
 

@@ -3,9 +3,6 @@ measurement harness's worker."""
 
 import dataclasses
 import importlib.util
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -280,15 +277,40 @@ def test_the_harness_worker_measures_one_configuration(tmp_path):
         "activation_checkpointing": True,
         "threads": 1,
         "card_gib": None,
+        "cpu_allocator": "live-tensors",
     }
-    (tmp_path / "spec.json").write_text(json.dumps(spec))
-    command = [sys.executable, str(ROOT / "benchmarks" / "memory.py"), "--worker", str(tmp_path / "spec.json")]
-    subprocess.run([*command, "--result", str(tmp_path / "result.json")], check=True, timeout=120)
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = harness.run_subprocess(spec, tmp_path, timeout=120)
     assert result["status"] == "ok" and result["device"] in ("cpu", "cuda")
+    assert result["allocator_env"] == harness.CPU_ALLOCATORS["live-tensors"]  # the worker ran with glibc so told
     assert result["import_floor_mb"] > 0 and result["peak_mb"] > 0 and len(result["step_times"]) == 1
     assert set(memory.PHASES) <= set(result["phase_peaks_mb"])
     assert set(result["measured_mb"]) == {"frozen weights", "trainable weights", "optimizer states"}
     assert result["measured_mb"]["frozen weights"] == pytest.approx(result["estimate_mb"]["frozen weights"], rel=0.05)
     assert set(result["estimate_mb"]["phases"]) == set(memory.PHASES)
     assert result["critic_checkpointing"] is True  # a shared critic is the policy's own, checkpointed, model
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_harness_copies_weights_out_of_the_mapped_model_file(tmp_path, tied):
+    """Tensors left as views of a loaded safetensors file get memory of their own, tied ones stay tied, and the model
+    computes the same."""
+    harness = load_harness()
+    build_tiny_causal_lm(build_tiny_tokenizer(), tie_word_embeddings=tied, **TINY_SHAPE).save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    input_ids = torch.arange(12).unsqueeze(0)
+    logits = model(input_ids).logits
+
+    def mapped_bytes() -> int:
+        ranges = harness.model_file_mappings()
+        return sum(
+            tensor.numel() * tensor.element_size()
+            for tensor in model.parameters()
+            if any(start <= tensor.untyped_storage().data_ptr() < end for start, end in ranges)
+        )
+
+    before = mapped_bytes()
+    assert before > 0  # transformers loads CPU tensors as views of the file: the case the harness handles
+    assert harness.copy_out_of_model_files([model, model]) == before  # each tensor once, however often it is met
+    assert mapped_bytes() == 0
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    torch.testing.assert_close(model(input_ids).logits, logits, rtol=0, atol=0)

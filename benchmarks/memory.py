@@ -386,6 +386,11 @@ def model_file_mappings() -> list[tuple[int, int]]:
     return ranges
 
 
+def in_model_file(tensor: torch.Tensor, ranges: list[tuple[int, int]]) -> bool:
+    address = tensor.untyped_storage().data_ptr()
+    return any(start <= address < end for start, end in ranges)
+
+
 @torch.no_grad()
 def copy_out_of_model_files(modules) -> int:
     """Give every tensor that is still a view of a mapped safetensors file memory of its own; returns their bytes.
@@ -398,8 +403,7 @@ def copy_out_of_model_files(modules) -> int:
     ranges, copied, seen = model_file_mappings(), 0, set()
     for module in modules:
         for tensor in [*module.parameters(), *module.buffers()]:
-            address = tensor.untyped_storage().data_ptr()
-            if id(tensor) in seen or not any(start <= address < end for start, end in ranges):
+            if id(tensor) in seen or not in_model_file(tensor, ranges):
                 continue
             seen.add(id(tensor))  # a tied weight is one Parameter: copied once, it stays tied
             tensor.data = tensor.data.clone()

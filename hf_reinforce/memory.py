@@ -550,10 +550,11 @@ def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
 
     if setup.critic != "none":
         critic_layer = layer_activation_bytes(shape, c, False, r, targets, 4)  # the critic runs outside autocast
-        checkpointed = setup.activation_checkpointing  # a critic of its own as well as one on the shared base
-        acts = stack_activation_bytes(b * s, critic_layers, critic_layer, c, h, checkpointed)
+        # every critic follows the run's checkpointing, one of its own as well as one on the shared base
+        acts = stack_activation_bytes(b * s, critic_layers, critic_layer, c, h, setup.activation_checkpointing)
         acts += b * s * VALUE_HEAD_FEATURES * 4 * h
-        note = f"{critic_layers} layers, {critic_layer / 1024:.0f} KiB/layer/token, checkpointing {checkpointed}"
+        note = f"{critic_layers} layers, {critic_layer / 1024:.0f} KiB/layer/token"
+        note += f", checkpointing {setup.activation_checkpointing}"
         parts.append(Component("critic activations", acts, ("critic",), note))
         parts.append(Component("critic gradients", critic_trainable, ("critic",)))
 

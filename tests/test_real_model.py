@@ -108,6 +108,20 @@ def test_the_gold_reads_conversational_completions():
     assert scores[0] > 0.5 > -0.5 > scores[1]
 
 
+@pytest.mark.parametrize(
+    "text, repeats",
+    [
+        ("The camp is perfect, the music is perfect, and the review is perfect.", True),
+        ("Perfect! PERFECT... perfect", True),  # case and punctuation do not hide a repetition
+        ("The gym is fantastic, and the staff is kind, and the price is fair.", False),  # function words do not count
+        ("A lovely, lovely cafe.", False),  # twice is not a repetition
+        ("", False),
+    ],
+)
+def test_an_answer_repeats_a_word_when_a_content_word_occurs_three_times(text, repeats):
+    assert real_demo.repeats_a_word(text) is repeats
+
+
 def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"

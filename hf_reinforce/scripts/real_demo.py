@@ -22,6 +22,7 @@ examples:
   hf-reinforce real-demo --baseline rloo --output_dir outputs/smollm2-135m-rloo
 """
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -29,6 +30,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,6 +239,19 @@ def sentiment_analyzer():
 def gold_score(text: str) -> float:
     """The gold judge: VADER's compound sentiment score of the answer, in [-1, 1]."""
     return sentiment_analyzer().polarity_scores(text)["compound"]
+
+
+# Function words that a fluent sentence may well use three times; any other word three times is a repetition.
+FUNCTION_WORDS = frozenset(
+    "a an and are as at be but by for from has have in is it its of on or that the their this to was were with".split()
+)
+
+
+def repeats_a_word(text: str, times: int = 3) -> bool:
+    """Whether an answer uses some content word `times` times or more: VADER sums the sentiment of the words it
+    knows, so a policy can raise the gold by repeating a warm word ("perfect, perfect, perfect")."""
+    words = [word for word in re.findall(r"[a-z']+", text.lower()) if word not in FUNCTION_WORDS]
+    return any(count >= times for count in collections.Counter(words).values())
 
 
 def gold(completions: list, **kwargs) -> list[float]:
@@ -571,6 +586,8 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
         "critic_explained_variance": tail_mean(explained_variances) if explained_variances else None,
         "finished_before": statistics.fmean(a["finished"] for g in before for a in g),
         "finished_after": statistics.fmean(a["finished"] for g in after for a in g),
+        "repetitive_before": statistics.fmean(repeats_a_word(a["text"]) for g in before for a in g),
+        "repetitive_after": statistics.fmean(repeats_a_word(a["text"]) for g in after for a in g),
         "num_train_pairs": len(read_jsonl(source_dir / "preferences" / "train.jsonl")),
         "seconds_per_stage": stages.seconds,
         "samples": [
@@ -608,6 +625,8 @@ SUMMARY_KEYS = (
     "kl_per_answer_held_out",
     "kl_per_token_training",
     "critic_explained_variance",
+    "finished_after",
+    "repetitive_after",
 )
 
 

@@ -568,8 +568,10 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
         kl = mean_kl(trainer.model, tokenizer, eval_prompts, after)
     stages.progress.close()
 
-    gold_before, stderr_before = mean_and_stderr([gold_score(a["text"]) for g in before for a in g])
-    gold_after, stderr_after = mean_and_stderr([gold_score(a["text"]) for g in after for a in g])
+    answers_before = [answer for group in before for answer in group]
+    answers_after = [answer for group in after for answer in group]
+    gold_before, stderr_before = mean_and_stderr([gold_score(a["text"]) for a in answers_before])
+    gold_after, stderr_after = mean_and_stderr([gold_score(a["text"]) for a in answers_after])
     log = trainer.state.log_history
     _, explained_variances = logged(log, "critic/explained_variance")
     _, train_kl = logged(log, "kl")
@@ -584,10 +586,10 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
         "kl_per_answer_held_out": kl,
         "kl_per_token_training": tail_mean(train_kl) if train_kl else None,
         "critic_explained_variance": tail_mean(explained_variances) if explained_variances else None,
-        "finished_before": statistics.fmean(a["finished"] for g in before for a in g),
-        "finished_after": statistics.fmean(a["finished"] for g in after for a in g),
-        "repetitive_before": statistics.fmean(repeats_a_word(a["text"]) for g in before for a in g),
-        "repetitive_after": statistics.fmean(repeats_a_word(a["text"]) for g in after for a in g),
+        "finished_before": statistics.fmean(a["finished"] for a in answers_before),
+        "finished_after": statistics.fmean(a["finished"] for a in answers_after),
+        "repetitive_before": statistics.fmean(repeats_a_word(a["text"]) for a in answers_before),
+        "repetitive_after": statistics.fmean(repeats_a_word(a["text"]) for a in answers_after),
         "num_train_pairs": len(read_jsonl(source_dir / "preferences" / "train.jsonl")),
         "seconds_per_stage": stages.seconds,
         "samples": [

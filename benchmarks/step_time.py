@@ -27,6 +27,7 @@ from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
 from hf_reinforce.critic import Critic
+from hf_reinforce.dequantized import CACHE
 from hf_reinforce.scripts import cpu_threads_per_process
 from hf_reinforce.testing import save_tiny_models
 
@@ -58,6 +59,9 @@ def common_settings(output_dir: str, steps: int) -> dict:
 def weight_bytes(trainer) -> int:
     modules = [trainer.model, trainer.ref_model, getattr(trainer, "value_model", None)]
     tensors = {id(t): t for m in modules if m is not None for t in [*m.parameters(), *m.buffers()]}
+    for module in (module for m in modules if m is not None for module in m.modules()):  # dequantize_for_inference
+        cached = module.__dict__.get(CACHE, {}).values()
+        tensors.update({id(t): t for t in cached if isinstance(t, torch.Tensor)})
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
@@ -142,6 +146,10 @@ CONFIGURATIONS = {
         {"baseline": "critic", "critic_shares_base": True, "critic_layers": 0},
     ),
     "ReinforceTrainer critic, QLoRA separate critic": (True, {"baseline": "critic", "critic_shares_base": False}),
+    "ReinforceTrainer critic, QLoRA shared base, dequantized inference": (
+        True,
+        {"baseline": "critic", "critic_shares_base": True, "dequantize_for_inference": True},
+    ),
 }
 
 

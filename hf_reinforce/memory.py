@@ -192,6 +192,7 @@ class TrainingSetup:
     reference: str = "adapters"  # "adapters": the base with adapters disabled; "separate": a frozen copy; "none"
     device: str = "cuda"  # "cpu" counts the log-probability kernel's torch fallback and no CUDA overhead
     trainer: str = "reinforce"  # "rloo": trl.RLOOTrainer, no critic, scores the generation batch in one forward
+    dequantize_for_inference: bool = False  # 4-bit weights kept dequantised (and adapter-merged) for no-grad passes
 
     def __post_init__(self):
         if self.trainer == "rloo" and self.critic != "none":
@@ -395,6 +396,14 @@ def dequantized_weight_bytes(shape: ModelShape, c: int) -> int:
     return max(fan_in * fan_out for fan_in, fan_out in shape.linear_shapes().values()) * c
 
 
+def dequantized_copies_bytes(shape: ModelShape, targets: tuple[str, ...], c: int) -> int:
+    """`dequantize_for_inference`: every decoder Linear dequantised once in c bytes, and a second copy of each one
+    with an adapter (the active adapters merged in), kept from the first pass without gradients on."""
+    shapes = shape.linear_shapes()
+    merged = sum(fan_in * fan_out for name, (fan_in, fan_out) in shapes.items() if name in targets)
+    return shape.num_layers * (sum(fan_in * fan_out for fan_in, fan_out in shapes.values()) + merged) * c
+
+
 def fused_head_bytes(num_rows: int, shape: ModelShape, c: int, device: str, backward: bool) -> int:
     """TRL's fused LM head on num_rows scored positions: a (min(rows, 4096) x min(V, 32768)) logits tile in c bytes
     (recomputed in the backward), the masked copy of the hidden states it reads (rows·h·c), about ten fp32 vectors of
@@ -532,6 +541,9 @@ def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         parts.append(
             Component("4-bit dequantization", dequantized_weight_bytes(shape, c), forward_phases, "largest Linear")
         )
+    if quantized and setup.dequantize_for_inference:
+        copies = dequantized_copies_bytes(shape, targets, c)
+        parts.append(Component("dequantized weights", copies, PHASES, "dequantize_for_inference: base + merged"))
     parts.append(Component("KV cache", kv_cache_bytes(shape, g, s, c), ("generation",), f"{g} x {s} tokens"))
     parts.append(Component("generation working set", generation_working_bytes(shape, setup), ("generation",)))
     if setup.reward_model != "function":
@@ -609,6 +621,7 @@ def setup_from_recipe(recipe: dict, **overrides) -> tuple[str | None, TrainingSe
         "reward_model": "separate" if recipe.get("reward_model_name_or_path") else "function",
         "reference": "none" if recipe.get("beta", 0.05) == 0 else "adapters",
         "device": "cpu" if recipe.get("use_cpu") else "cuda",
+        "dequantize_for_inference": bool(recipe.get("dequantize_for_inference", False)),
     }
     fields.update({key: value for key, value in overrides.items() if value is not None})
     notes = []

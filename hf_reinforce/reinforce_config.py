@@ -86,6 +86,16 @@ class ReinforceConfig(RLOOConfig):
             "added to it), whatever this is; use `mask_truncated_completions` to leave them out of the loss instead."
         },
     )
+    dequantize_for_inference: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep each 4-bit layer's weight dequantised, with its active LoRA adapters merged in, for the "
+            "passes that need no gradient (generation, the rollouts' and the reference's log-probabilities, a reward "
+            "or critic adapter on the policy's base); the passes with gradients are unchanged. About twice as fast a "
+            "generation on CPU, at the memory of an unquantised copy of the base (and of one merged copy); no effect "
+            "without 4-bit layers."
+        },
+    )
     whiten_advantages: bool = field(
         default=False,
         metadata={"help": "Shift and scale the per-token advantages of each batch to mean 0 and variance 1."},

@@ -26,6 +26,7 @@ from .advantages import (
 from .checkpoints import ResumableMixin, checkpoint_model_kind, safetensors_shapes
 from .checks import check_local_path
 from .critic import CRITIC_ADAPTER, CRITIC_STATE, Critic, build_value_model, shares_base_weights
+from .dequantized import dequantize_for_inference
 from .engines import engage_fsdp_on_cpu, engine_shards_base, outside_zero3_init, reward_sharing
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
@@ -191,6 +192,21 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
             self.critic = Critic(value_model, args, self.accelerator)
         elif value_model is not None:
             raise ValueError(f"value_model is only used with baseline='critic', but baseline={args.baseline!r}.")
+        if args.dequantize_for_inference:
+            self._dequantize_for_inference()
+
+    def _dequantize_for_inference(self) -> None:
+        """Route the 4-bit layers of every model this trainer runs without gradients through dequantised weights."""
+        if engine_shards_base():
+            raise ValueError(
+                "dequantize_for_inference needs each process to hold whole 4-bit weights, but DeepSpeed ZeRO-3 or "
+                "FSDP shards them; set `dequantize_for_inference: false` with these engines."
+            )
+        models = [self.model, self.ref_model, self.value_model]
+        models += [getattr(func, "model", None) for func in self.reward_funcs]
+        for model in models:
+            if isinstance(model, torch.nn.Module):
+                dequantize_for_inference(self.accelerator.unwrap_model(model))
 
     # Reward models score texts as `RewardTrainer` trained them, never a cut-off completion as if it had ended; a
     # reward adapter trained on the policy's base joins it there rather than holding a second copy of the base.

@@ -217,8 +217,9 @@ def test_warm_start_from_the_reward_model_learns_faster_than_a_cold_start(tmp_pa
     """On a pretrained language model with a reward model trained on its own completions, as in the demo.
 
     A reward model learns to score complete texts (ending with EOS), not the prefixes a value model reads, so the
-    warm start's first values are only a little better than a constant; its features are what pays: after one update
-    the warm-started critic explains far more of the returns than the cold one does after ten.
+    warm start's first values explain the returns no better than a constant (on some CPUs worse: -1.0 at step 0 on an
+    AVX2-only machine, where the cold start's 0.0 is a constant); its features are what pays: over the next nine
+    updates the warm-started critic explains far more of the returns than the cold one does.
     """
     from hf_reinforce.scripts.demo import label_pairs, pretrain_language_model, sample_completions, split_prompts
 
@@ -249,5 +250,4 @@ def test_warm_start_from_the_reward_model_learns_faster_than_a_cold_start(tmp_pa
         f"explained variance at step 0: warm start {explained[True][0]:.2f}, cold start {explained[False][0]:.2f}; "
         f"mean over steps 1-9: warm {warm:.2f}, cold {cold:.2f}"
     )
-    assert explained[True][0] > explained[False][0]
     assert warm > cold + 0.2

@@ -12,11 +12,13 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hf_reinforce import cli, memory
+from hf_reinforce.dequantized import CACHE, dequantize_for_inference
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
 
 
 ROOT = Path(__file__).resolve().parent.parent
 LLAMA_RECIPE = ROOT / "recipes" / "llama-3.1-8b" / "reinforce" / "config_qlora.yaml"
+SMOLLM2_RECIPE = ROOT / "recipes" / "smollm2-135m" / "reinforce" / "config_qlora.yaml"
 TINY_SHAPE = {
     "hidden_size": 128,
     "intermediate_size": 448,
@@ -88,6 +90,22 @@ def test_lora_parameters_are_those_peft_creates(tiny_model_dir):
     created = sum(p.numel() for name, p in peft_model.named_parameters() if "lora_" in name)
     shape = memory.shape_from_config(model.config)
     assert memory.lora_parameters(shape, ("q_proj", "v_proj", "down_proj"), 8, 2) == created
+
+
+def test_dequantized_copies_are_what_dequantize_for_inference_keeps(tiny_model_dir):
+    quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=quantization)
+    targets = ("q_proj", "v_proj", "down_proj")
+    model = get_peft_model(model, LoraConfig(r=8, target_modules=list(targets)))
+    dequantize_for_inference(model)
+    with torch.no_grad():
+        model(torch.randint(4, 50, (1, 6)))
+    cached = [t for m in model.modules() for t in m.__dict__.get(CACHE, {}).values() if isinstance(t, torch.Tensor)]
+    kept = sum(t.numel() * t.element_size() for t in cached)
+    c = model.get_base_model().dtype.itemsize  # copies in the activations' dtype (bfloat16 here)
+    assert memory.dequantized_copies_bytes(memory.shape_from_config(model.config), targets, c) == kept
+    _, setup, _ = memory.setup_from_recipe(yaml.safe_load(SMOLLM2_RECIPE.read_text()))
+    assert setup.dequantize_for_inference and setup.quantization == "4bit"
 
 
 def test_layer_activations_are_what_autograd_saves(tiny_model_dir):

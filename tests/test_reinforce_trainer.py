@@ -142,6 +142,22 @@ def test_qlora_shared_base_trains_policy_and_critic_on_one_base(tmp_path, tiny_p
     assert all(math.isfinite(v) for v in logged(trainer, "kl"))
 
 
+def test_dequantize_for_inference_changes_speed_not_results(tmp_path, tiny_paths):
+    runs = []
+    for dequantize in (False, True):
+        args = config(tmp_path / str(dequantize), beta=0.05, max_steps=2, dequantize_for_inference=dequantize)
+        trainer = ReinforceTrainer(
+            model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, **qlora_kwargs()
+        )
+        before = snapshot(trainer.model.named_parameters())
+        trainer.train()
+        assert any(".default." in name for name in changed(before, trainer.model.named_parameters()))
+        runs.append({key: logged(trainer, key) for key in ("reward", "kl", "loss", "critic/value_loss")})
+    # the same completions (sampled from the same seed) and the same losses, to rounding
+    for key, values in runs[0].items():
+        assert runs[1][key] == pytest.approx(values, rel=1e-3, abs=1e-5), key
+
+
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_qlora_separate_critic_is_its_own_quantised_lora_model(tmp_path, tiny_paths, compute_dtype):
     args = config(tmp_path, critic_shares_base=False, max_steps=2)

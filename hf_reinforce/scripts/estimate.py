@@ -87,6 +87,11 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="adapters: the policy's base with adapters disabled; separate: a frozen copy; none: beta=0.",
     )
     settings.add_argument("--device", choices=memory.DEVICES, help="cuda, or cpu (no CUDA overhead).")
+    settings.add_argument(
+        "--dequantize_for_inference",
+        type=str_to_bool,
+        help="Keep 4-bit weights dequantised, adapters merged, for the passes without gradients (true/false).",
+    )
     grid = parser.add_argument_group("what fits")
     grid.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="Rows of the fit table.")
     grid.add_argument(

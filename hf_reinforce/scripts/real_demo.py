@@ -196,6 +196,8 @@ QUICK_SIZES = {
     "samples_per_eval_prompt": 2,
 }
 QUICK_MAX_COMPLETION_LENGTH = 32
+# Answers generated together: on 2 CPU cores a batch of 64 costs about a fifth less per answer than one of 32.
+SAMPLING_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -276,10 +278,10 @@ def sample_answers(
     eos = tokenizer.eos_token_id
     rows = [prompt for prompt in prompts for _ in range(num_per_prompt)]
     answers = []
-    for start in tqdm(range(0, len(rows), 32), desc=desc, leave=False):
+    for start in tqdm(range(0, len(rows), SAMPLING_BATCH_SIZE), desc=desc, leave=False):
         texts = [
             tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            for p in rows[start : start + 32]
+            for p in rows[start : start + SAMPLING_BATCH_SIZE]
         ]
         # The chat template writes its own special tokens, as the trainers tokenize it
         inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)

@@ -64,10 +64,12 @@ def effective_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor
         cache.clear()
         cache["base"] = bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(dtype)
         cache["base_key"] = base_key
-    if not isinstance(layer, LoraLinear4bit) or layer.disable_adapters:
+    if not isinstance(layer, LoraLinear4bit):
         return cache["base"]
-    if layer.merged:
+    if layer.merged:  # the 4-bit weight holds adapters, which peft takes out again when they are disabled
         return None
+    if layer.disable_adapters:
+        return cache["base"]
     adapters = [name for name in layer.active_adapters if name in layer.lora_A]
     for name in adapters:
         dropout = layer.lora_dropout[name]

@@ -82,3 +82,18 @@ def test_plain_4bit_layers_are_routed_and_generation_is_unchanged(policy_path):
     torch.testing.assert_close(model.generate(prompt, do_sample=False, max_new_tokens=8, pad_token_id=0), expected)
     caches = [module.__dict__[CACHE] for module in model.modules() if CACHE in module.__dict__]
     assert all(cache["base"].dtype == torch.float32 for cache in caches) and "merged" not in caches[0]
+
+
+def test_adapters_merged_into_the_4bit_weight_run_as_peft_runs_them(policy_path):
+    model = lora_model(policy_path).eval()
+    input_ids = torch.randint(4, 50, (2, 8))
+    dequantize_for_inference(model)
+    logits(model, input_ids, with_grad=False)  # caches filled before the merge
+    model.merge_adapter()
+    torch.testing.assert_close(
+        logits(model, input_ids, with_grad=False), logits(model, input_ids, with_grad=True), atol=1e-4, rtol=1e-4
+    )
+    with model.disable_adapter():  # peft unmerges first: the 4-bit base alone again
+        torch.testing.assert_close(
+            logits(model, input_ids, with_grad=False), logits(model, input_ids, with_grad=True), atol=1e-4, rtol=1e-4
+        )

@@ -27,7 +27,7 @@ from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
 from hf_reinforce.critic import Critic
-from hf_reinforce.dequantized import CACHE
+from hf_reinforce.dequantized import cached_tensors
 from hf_reinforce.scripts import cpu_threads_per_process
 from hf_reinforce.testing import save_tiny_models
 
@@ -59,9 +59,7 @@ def common_settings(output_dir: str, steps: int) -> dict:
 def weight_bytes(trainer) -> int:
     modules = [trainer.model, trainer.ref_model, getattr(trainer, "value_model", None)]
     tensors = {id(t): t for m in modules if m is not None for t in [*m.parameters(), *m.buffers()]}
-    for module in (module for m in modules if m is not None for module in m.modules()):  # dequantize_for_inference
-        cached = module.__dict__.get(CACHE, {}).values()
-        tensors.update({id(t): t for t in cached if isinstance(t, torch.Tensor)})
+    tensors.update({id(t): t for m in modules if m is not None for t in cached_tensors(m)})  # dequantize_for_inference
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 

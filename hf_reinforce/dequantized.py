@@ -34,6 +34,12 @@ def dequantize_for_inference(model: torch.nn.Module) -> int:
     return routed
 
 
+def cached_tensors(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The dequantised and merged copies the routed layers of `model` hold now."""
+    caches = (module.__dict__.get(CACHE, {}) for module in model.modules())
+    return [tensor for cache in caches for tensor in cache.values() if isinstance(tensor, torch.Tensor)]
+
+
 def _dequantized_forward(layer: torch.nn.Module):
     original = layer.__dict__[ORIGINAL_FORWARD]
 

@@ -12,7 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from hf_reinforce import cli, memory
-from hf_reinforce.dequantized import CACHE, dequantize_for_inference
+from hf_reinforce.dequantized import cached_tensors, dequantize_for_inference
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
 
 
@@ -100,8 +100,7 @@ def test_dequantized_copies_are_what_dequantize_for_inference_keeps(tiny_model_d
     dequantize_for_inference(model)
     with torch.no_grad():
         model(torch.randint(4, 50, (1, 6)))
-    cached = [t for m in model.modules() for t in m.__dict__.get(CACHE, {}).values() if isinstance(t, torch.Tensor)]
-    kept = sum(t.numel() * t.element_size() for t in cached)
+    kept = sum(t.numel() * t.element_size() for t in cached_tensors(model))
     c = model.get_base_model().dtype.itemsize  # copies in the activations' dtype (bfloat16 here)
     assert memory.dequantized_copies_bytes(memory.shape_from_config(model.config), targets, c) == kept
     _, setup, _ = memory.setup_from_recipe(yaml.safe_load(SMOLLM2_RECIPE.read_text()))

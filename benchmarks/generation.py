@@ -1,13 +1,15 @@
-"""Generation speed of a 4-bit LoRA model with and without `dequantize_for_inference`, on one CPU setup.
+"""Generation speed of a 4-bit LoRA model with and without `dequantize_for_inference` and inverse-CDF sampling.
 
     hf-reinforce make-smollm2 --output_dir outputs/smollm2-135m-instruct
     python benchmarks/generation.py --model outputs/smollm2-135m-instruct
 
 The model is loaded in NF4 with a LoRA adapter (r=16, every linear layer, random non-zero weights) as the
 SmolLM2 reinforce recipe trains it, in training mode as the trainer generates. Each batch size generates every row
-to `--tokens` tokens (`min_new_tokens`) from a chat prompt, once with the 4-bit layers as bitsandbytes and peft run
-them and once through the dequantised, adapter-merged copies; the two alternate within each repeat (the machine may be
-shared), and the median seconds per batch over repeats is reported with their ratio.
+to `--tokens` tokens (`min_new_tokens`) from a chat prompt three ways: with the 4-bit layers as bitsandbytes and peft
+run them, through the dequantised, adapter-merged copies, and through those copies with each token drawn by
+`InverseCdfSampler` instead of `torch.multinomial` (as `hf-reinforce real-demo` samples). The three alternate within
+each repeat (the machine may be shared), and the median seconds per batch over repeats are reported with their ratios
+to the first.
 """
 
 import argparse
@@ -20,20 +22,26 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from hf_reinforce.dequantized import ORIGINAL_FORWARD, dequantize_for_inference
+from hf_reinforce.sampling import InverseCdfSampler
 from hf_reinforce.scripts import cpu_threads_per_process
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def seconds_to_generate(model, tokenizer, batch_size: int, tokens: int) -> float:
+# (dequantize_for_inference, inverse-CDF sampling) of each arm, in the order they run and are printed
+ARMS = ((False, False), (True, False), (True, True))
+
+
+def seconds_to_generate(model, tokenizer, batch_size: int, tokens: int, inverse_cdf: bool) -> float:
     chat = [{"role": "user", "content": "Write a one-sentence review of a mattress."}]
     text = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
     inputs = tokenizer([text] * batch_size, return_tensors="pt", add_special_tokens=False)
+    sampling = {"do_sample": False, "logits_processor": [InverseCdfSampler()]} if inverse_cdf else {"do_sample": True}
     start = time.perf_counter()
     with torch.no_grad():
         model.generate(
-            **inputs, do_sample=True, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id
+            **inputs, max_new_tokens=tokens, min_new_tokens=tokens, pad_token_id=tokenizer.pad_token_id, **sampling
         )
     return time.perf_counter() - start
 
@@ -65,23 +73,30 @@ def main():
     torch.manual_seed(0)
     lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM")
     model = get_peft_model(model, lora).train()
-    seconds = {(size, routed): [] for size in args.batch_sizes for routed in (False, True)}
+    seconds = {(size, arm): [] for size in args.batch_sizes for arm in ARMS}
     for size in args.batch_sizes:
-        for routed in (False, True):  # warm-up: first calls allocate, the routed one fills its copies
+        for routed, inverse_cdf in ARMS:  # warm-up: first calls allocate, the routed one fills its copies
             set_routing(model, routed)
-            seconds_to_generate(model, tokenizer, size, 4)
+            seconds_to_generate(model, tokenizer, size, 4, inverse_cdf)
     for _ in range(args.repeats):
         for size in args.batch_sizes:
-            for routed in (False, True):
+            for routed, inverse_cdf in ARMS:
                 set_routing(model, routed)
-                seconds[size, routed].append(seconds_to_generate(model, tokenizer, size, args.tokens))
+                time_taken = seconds_to_generate(model, tokenizer, size, args.tokens, inverse_cdf)
+                seconds[size, (routed, inverse_cdf)].append(time_taken)
     print(f"machine: {platform.platform()}, {args.threads} torch threads, torch {torch.__version__}")
     print(f"model: {args.model}, NF4 + LoRA r=16 on every linear layer, {args.tokens} tokens per row\n")
-    print("| answers per batch | 4-bit layers (s) | dequantize_for_inference (s) | ratio | s per answer, routed |")
-    print("|---|---|---|---|---|")
+    print(
+        "| answers per batch | 4-bit layers (s) | dequantize_for_inference (s) | ratio | + inverse-CDF sampling (s) "
+        "| ratio | s per answer, both |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for size in args.batch_sizes:
-        plain, routed = (statistics.median(seconds[size, flag]) for flag in (False, True))
-        print(f"| {size} | {plain:.2f} | {routed:.2f} | {routed / plain:.2f}x | {routed / size:.3f} |")
+        plain, routed, both = (statistics.median(seconds[size, arm]) for arm in ARMS)
+        print(
+            f"| {size} | {plain:.2f} | {routed:.2f} | {routed / plain:.2f}x | {both:.2f} | {both / plain:.2f}x "
+            f"| {both / size:.3f} |"
+        )
 
 
 if __name__ == "__main__":

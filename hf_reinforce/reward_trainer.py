@@ -34,6 +34,8 @@ from .reward_models import record_reward_training
 
 CHOSEN_PROB_COLUMN = "chosen_prob"
 MARGIN_COLUMN = "margin"
+# Samplers that read each row's length from `args.length_column_name`
+LENGTH_GROUPED_SAMPLERS = ("group_by_length", "batch_rebalance")
 # The names transformers gives the head of a sequence classifier: decoder models use `score`, encoders `classifier`
 REWARD_HEAD_NAMES = ("score", "classifier")
 
@@ -49,6 +51,15 @@ class DataCollatorForSoftPreference(DataCollatorForPreference):
             chosen_prob = [example[CHOSEN_PROB_COLUMN] for example in examples]
             batch[CHOSEN_PROB_COLUMN] = torch.tensor(chosen_prob, dtype=torch.float)
         return batch
+
+
+def pair_length(example: dict[str, Any], column: str) -> dict[str, int]:
+    """The tokens a pair takes in a batch, where chosen and rejected are padded alike: the longer one's."""
+    return {column: max(len(example["chosen_ids"]), len(example["rejected_ids"]))}
+
+
+def groups_by_length(args: RewardConfig) -> bool:
+    return args.train_sampling_strategy in LENGTH_GROUPED_SAMPLERS
 
 
 def _is_empty(answer: Any) -> bool:
@@ -220,7 +231,8 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
             cast_trainable_parameters_to_activation_dtype(self.model)
         keep_4bit_layers_differentiable(self.model)
 
-    # Why: a dataset whose every pair is longer than `max_length` would train on nothing and save an untrained model
+    # Why: a dataset whose every pair is longer than `max_length` would train on nothing and save an untrained model;
+    # the length-grouped samplers of transformers look for `input_ids`, which a preference dataset does not have
     def _prepare_dataset(
         self,
         dataset: Dataset | IterableDataset,
@@ -234,6 +246,14 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
                 f"Every pair of the {dataset_name} dataset ({len(dataset)} rows) is longer than max_length="
                 f"{args.max_length} tokens, so none is left to train on. Raise `max_length`, or shorten the texts."
             )
+        if (
+            groups_by_length(args)
+            and isinstance(prepared, Dataset)
+            and args.length_column_name not in prepared.column_names
+        ):
+            prepared = prepared.map(
+                pair_length, fn_kwargs={"column": args.length_column_name}, desc=f"Measuring {dataset_name} pairs"
+            )
         return prepared
 
     # Why: a checkpoint of a REINFORCE run (a policy, maybe a critic) fails deep inside the optimizer's state otherwise
@@ -244,11 +264,12 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
                 "resume a reward run from one of its own checkpoints, or start afresh."
             )
 
-    # Why: `remove_unused_columns` would drop `chosen_prob` before the collator sees it, as it would `margin`
+    # Why: `remove_unused_columns` would drop `chosen_prob` before the collator sees it, as it would `margin`, and the
+    # pair lengths before a length-grouped sampler reads them
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
-        if CHOSEN_PROB_COLUMN not in self._signature_columns:
-            self._signature_columns = [*self._signature_columns, CHOSEN_PROB_COLUMN]
+        kept = [CHOSEN_PROB_COLUMN, *([self.args.length_column_name] if groups_by_length(self.args) else [])]
+        self._signature_columns = [*self._signature_columns, *(c for c in kept if c not in self._signature_columns)]
 
     # Why: swap TRL's hard-label loss for the soft-label one; TRL's forward pass and metrics are kept as they are
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):

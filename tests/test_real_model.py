@@ -141,9 +141,11 @@ def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
             tokens = ids[0, 1:, None]
             log_ratio = (policy.gather(-1, tokens) - reference.gather(-1, tokens))[len(prompt_ids) - 1 :]
             expected.append(log_ratio.sum().item())
-    kl = real_demo.mean_kl(model, tokenizer, prompts, groups, batch_size=2)  # one batch with padding, one without
     assert abs(sum(expected) / 3) > 1e-3  # the adapter moved the policy
-    assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
+    # Batches of 2: answers of one prompt padded, then a batch of one; of 3: prompts of two lengths padded as well
+    for batch_size in (2, 3):
+        kl = real_demo.mean_kl(model, tokenizer, prompts, groups, batch_size=batch_size)
+        assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -133,6 +133,47 @@ def test_margin_and_chosen_prob_combine_in_the_loss(tokenizer, tmp_path):
     assert trainer.state.log_history[0]["loss"] == pytest.approx(expected_loss, rel=1e-5)
 
 
+def padded_share(trainer) -> float:
+    """Share of the tokens of one epoch's batches that are padding."""
+    padded = real = 0
+    for batch in trainer.get_train_dataloader():
+        padded += batch["attention_mask"].numel()
+        real += batch["attention_mask"].sum().item()
+    return 1 - real / padded
+
+
+def test_length_grouped_batches_pad_less_and_still_train(tokenizer, tmp_path):
+    # Pairs of very different lengths: random batches pad the short ones to the long ones
+    dataset = make_preference_dataset(64, seed=4, soft=True)
+    dataset = dataset.map(
+        lambda row, index: {"chosen": row["chosen"] * (1 + index % 8), "rejected": row["rejected"] * (1 + index % 8)},
+        with_indices=True,
+    )
+    random_batches = RewardTrainer(
+        model=build_tiny_reward_model(tokenizer),
+        args=tiny_config(tmp_path, per_device_train_batch_size=8),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    model = build_tiny_reward_model(tokenizer)
+    grouped = RewardTrainer(
+        model=model,
+        args=tiny_config(tmp_path, per_device_train_batch_size=8, train_sampling_strategy="group_by_length"),
+        train_dataset=dataset,
+        processing_class=tokenizer,
+    )
+    lengths = grouped.train_dataset["length"]
+    rows = grouped.train_dataset
+    assert lengths == [max(len(c), len(r)) for c, r in zip(rows["chosen_ids"], rows["rejected_ids"], strict=True)]
+    print(f"padding: {padded_share(random_batches):.3f} in random batches, {padded_share(grouped):.3f} grouped")
+    assert padded_share(grouped) < 0.75 * padded_share(random_batches)
+    batch = next(iter(grouped.get_train_dataloader()))
+    assert "chosen_prob" in batch and "length" not in batch  # the collator keeps only what the loss reads
+    score_before = model.score.weight.clone()
+    grouped.train()
+    assert not torch.equal(model.score.weight, score_before)
+
+
 def test_same_constructor_as_trl():
     ours, theirs = inspect.signature(RewardTrainer.__init__), inspect.signature(trl.RewardTrainer.__init__)
     assert list(ours.parameters) == list(theirs.parameters)

@@ -10,11 +10,13 @@ baseline by how much of the return it has been predicting.
 import contextlib
 import copy
 import math
+import re
 from pathlib import Path
 
 import torch
 from accelerate.utils import broadcast
 from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel, get_scheduler
 from transformers.utils import logging
@@ -474,9 +476,23 @@ def _critic_adapter_on_policy(policy: PeftModel, reward_source, args, device) ->
     keep_out_of_policy_ddp(policy, CRITIC_ADAPTER)
     head_init = head_weight.detach().float().cpu() if reward_source is not None else None
     critic = _with_head_on(ValueHeadModel(policy, adapter_name=CRITIC_ADAPTER, head_init=head_init), device)
-    if lora_config.layers_to_transform:
-        critic.first_trained_layer = _checked_first_trained_layer(critic, min(lora_config.layers_to_transform))
+    first_adapted_layer = lowest_adapted_layer(policy, CRITIC_ADAPTER)
+    if first_adapted_layer > 0:
+        critic.first_trained_layer = _checked_first_trained_layer(critic, first_adapted_layer)
     return critic
+
+
+def lowest_adapted_layer(model: torch.nn.Module, adapter_name: str) -> int:
+    """The index of the lowest decoder layer (a `layers.<i>` module) holding LoRA weights of `adapter_name`, however
+    the adapter chose its modules (`layers_to_transform`, a regular expression, a list of names); 0 when none is."""
+    layers = [
+        int(match.group(1))
+        for name, module in model.named_modules()
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
+        for match in [re.search(r"(?:^|\.)layers\.(\d+)\.", name)]
+        if match
+    ]
+    return min(layers, default=0)
 
 
 @torch.no_grad()

@@ -33,8 +33,11 @@ What is approximate, and in which direction:
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from safetensors import safe_open
 
 
 GiB = 2**30
@@ -653,6 +656,15 @@ def _warm_started_critic_layers(recipe: dict, fields: dict) -> tuple[int | None,
     if Path(config.get("base_model_name_or_path", "")).name != Path(policy).name:
         return fields["critic_layers"], ""
     layers = config.get("layers_to_transform")  # the top layers, as a shared critic's own adapter takes them
-    return (len(layers) if isinstance(layers, list) else 0), (
-        f"The critic starts from the reward adapter {reward} on the same base and trains its layers."
-    )
+    if not isinstance(layers, list):  # chosen by module names or a regular expression: the layers its weights name
+        layers = adapted_layers(Path(reward) / "adapter_model.safetensors")
+    return len(layers), f"The critic starts from the reward adapter {reward} on the same base and trains its layers."
+
+
+def adapted_layers(adapter_weights: Path) -> list[int]:
+    """The decoder layers (`layers.<i>`) an adapter file holds weights for; empty when it names none or is absent."""
+    if not adapter_weights.is_file():
+        return []
+    with safe_open(str(adapter_weights), framework="pt") as weights:
+        matches = (re.search(r"(?:^|\.)layers\.(\d+)\.", key) for key in weights.keys())
+        return sorted({int(match.group(1)) for match in matches if match})

@@ -28,6 +28,7 @@ from .checks import check_local_path
 from .critic import CRITIC_ADAPTER, CRITIC_STATE, Critic, build_value_model, shares_base_weights
 from .dequantized import dequantize_for_inference
 from .engines import engage_fsdp_on_cpu, engine_shards_base, outside_zero3_init, reward_sharing
+from .fused_lora import fuse_lora_for_training
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
@@ -192,6 +193,9 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
             self.critic = Critic(value_model, args, self.accelerator)
         elif value_model is not None:
             raise ValueError(f"value_model is only used with baseline='critic', but baseline={args.baseline!r}.")
+        for model in (self.model, self.value_model):  # LoRA on 4-bit weights trains as one product on CPUs
+            if model is not None:
+                fuse_lora_for_training(self.accelerator.unwrap_model(model))
         if args.dequantize_for_inference:
             self._dequantize_for_inference()
 

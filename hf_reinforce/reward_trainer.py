@@ -25,6 +25,7 @@ from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import ResumableMixin, checkpoint_model_kind
 from .checks import check_local_path
+from .fused_lora import fuse_lora_for_training
 from .losses import bradley_terry_loss
 from .model_card import ModelCardMixin
 from .quantization import keep_4bit_layers_differentiable
@@ -230,6 +231,7 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
         if getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False):
             cast_trainable_parameters_to_activation_dtype(self.model)
         keep_4bit_layers_differentiable(self.model)
+        fuse_lora_for_training(self.model)  # LoRA on 4-bit weights trains as one product on CPUs
 
     # Why: a dataset whose every pair is longer than `max_length` would train on nothing and save an untrained model;
     # the length-grouped samplers of transformers look for `input_ids`, which a preference dataset does not have

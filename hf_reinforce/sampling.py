@@ -32,14 +32,20 @@ class InverseCdfSampler(LogitsProcessor):
     replaces temperature sampling with top_k=0, top_p=1.0.
     """
 
-    def __init__(self, temperature: float = 1.0, generator: torch.Generator | None = None):
+    def __init__(self, temperature: float = 1.0, generator: torch.Generator | None = None, record_logps: bool = False):
         if not temperature > 0:
             raise ValueError(f"temperature={temperature} must be positive.")
         self.temperature = temperature
         self.generator = generator
+        # With record_logps, `token_logps` gets one (B,) tensor per step: log softmax(scores) of the drawn token, the
+        # model's own log-probability of it (at temperature 1), which otherwise takes another forward to compute.
+        self.token_logps: list[torch.Tensor] | None = [] if record_logps else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
         tokens = inverse_cdf_sample(probs, self.generator)  # (B,)
+        if self.token_logps is not None:
+            drawn = scores.float().gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+            self.token_logps.append(drawn - scores.float().logsumexp(dim=-1))
         masked = torch.full_like(scores, float("-inf"))
         return masked.scatter_(1, tokens.unsqueeze(1), 0.0)

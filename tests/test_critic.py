@@ -178,6 +178,33 @@ def test_critic_starts_as_a_4bit_reward_adapter(tmp_path, tiny_paths, shares_bas
     assert all(not torch.equal(b, p) for b, p in zip(before, critic_parameters))
 
 
+@pytest.mark.parametrize(
+    "top_layer_modules",
+    [r".*layers\.1\.self_attn\.(q|k|v|o)_proj", ["layers.1.self_attn.q_proj", "layers.1.mlp.up_proj"]],
+)
+def test_critic_from_a_top_layer_reward_adapter_starts_at_its_lowest_layer(tmp_path, tiny_paths, top_layer_modules):
+    """A reward adapter on the top layer only (chosen by a regular expression or by names, not layers_to_transform):
+    the critic copied from it runs that layer alone on the reference pass's hidden states, and scores as before."""
+    peft_config = LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, target_modules=top_layer_modules)
+    pairs = make_preference_dataset(64)
+    train_reward_model(tiny_paths["policy"], pairs, tmp_path / "rm", quantization_config=NF4, peft_config=peft_config)
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=str(tmp_path / "rm"),
+        args=run_args(tmp_path),
+        train_dataset=PROMPTS,
+        quantization_config=NF4,
+        peft_config=LORA,
+    )
+    critic = trainer.value_model
+    assert critic.backbone is trainer.model and critic.first_trained_layer == 1
+    values, scores = last_token_values(trainer, TEXTS)
+    torch.testing.assert_close(values, scores, atol=1e-2, rtol=1e-2)
+    before = [parameter.detach().clone() for parameter in critic.trainable_parameters()]
+    trainer.train()
+    assert all(not torch.equal(b, p) for b, p in zip(before, critic.trainable_parameters()))
+
+
 def count_letters(completions, **kwargs) -> list[float]:
     return [float(len(completion)) for completion in completions]
 

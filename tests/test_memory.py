@@ -219,6 +219,22 @@ def test_the_llama_recipe_reads_as_its_settings():
     assert overridden[1].per_device_train_batch_size == 8
 
 
+@pytest.mark.parametrize("top_layers", [None, r".*layers\.1\.self_attn\.(q|v)_proj"])
+def test_a_warm_started_critic_trains_the_layers_its_reward_adapter_holds(tmp_path, tiny_model_dir, top_layers):
+    """All of them, or only those its weights name when a regular expression chose its modules."""
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapter = get_peft_model(base, LoraConfig(r=4, target_modules=top_layers or ["q_proj", "v_proj"]))
+    adapter.save_pretrained(tmp_path / "reward")
+    recipe = {
+        "model_name_or_path": str(tiny_model_dir),
+        "use_peft": True,
+        "reward_model_name_or_path": str(tmp_path / "reward"),
+    }
+    _, setup, notes = memory.setup_from_recipe(recipe)
+    assert setup.critic_layers == (1 if top_layers else base.config.num_hidden_layers)
+    assert "trains its layers" in notes[0]
+
+
 def test_a_hub_id_finds_the_shipped_config_of_its_base():
     path = memory.find_model_config("meta-llama/Llama-3.1-8B-Instruct")
     assert path.parent.name == "Llama-3.1-8B"

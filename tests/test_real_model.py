@@ -78,7 +78,7 @@ def test_contrast_answers_join_the_training_pairs_under_the_plain_prompt(tmp_pat
     requests = []
     texts_for = {"negative": NEGATIVE, "enthusiastic": ["Truly amazing, a joy, the best ever!"] * 2}
 
-    def fake_sample_answers(model, tokenizer, prompts, num_per_prompt, sampling, seed, desc):
+    def fake_sample_answers(model, tokenizer, prompts, num_per_prompt, sampling, seed, desc, batch_size=None):
         request = prompts[0][-1]["content"]
         requests.append((request, num_per_prompt))
         texts = next((texts for word, texts in texts_for.items() if word in request), POSITIVE)
@@ -122,6 +122,29 @@ def test_an_answer_repeats_a_word_when_a_content_word_occurs_three_times(text, r
     assert real_demo.repeats_a_word(text) is repeats
 
 
+@torch.no_grad()
+def answer_logp(model, tokenizer, prompt: list[dict], answer_ids: list[int]) -> float:
+    """log p(answer | prompt) under `model`, from one forward of the whole text."""
+    prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
+    ids = torch.tensor([prompt_ids + answer_ids])
+    logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])
+    return logps[len(prompt_ids) - 1 :].sum().item()
+
+
+def test_sampled_answers_keep_their_log_probability_under_the_model():
+    """The log p of each answer recorded while sampling (temperature 1, end-of-turn included, nothing after it) is
+    what a forward of the prompt and answer gives."""
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
+    model = build_tiny_causal_lm(tokenizer).eval()
+    prompts = [chat("a tent"), chat("a sofa and a lamp")]
+    groups = real_demo.sample_answers(model, tokenizer, prompts, 3, real_demo.Sampling(0.7, 12), seed=0, desc="x")
+    answers = [(prompt, answer_) for prompt, group in zip(prompts, groups) for answer_ in group]
+    assert any(a["finished"] for _, a in answers) and any(not a["finished"] for _, a in answers)
+    for prompt, answer_ in answers:
+        assert answer_["logp"] == pytest.approx(answer_logp(model, tokenizer, prompt, answer_["ids"]), abs=1e-4)
+
+
 def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
@@ -131,16 +154,10 @@ def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
     groups = [[{"ids": tokenizer.encode(text)} for text in texts] for texts in (["good", "ok fine"], ["bad!"])]
     expected = []  # one answer at a time, from the definition: sum over its tokens of log pi - log pi_ref
     for prompt, group in zip(prompts, groups):
-        prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
         for answer_ in group:
-            ids = torch.tensor([prompt_ids + answer_["ids"]])
-            with torch.no_grad():
-                policy = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-                with model.disable_adapter():
-                    reference = model(input_ids=ids).logits[0, :-1].log_softmax(-1)
-            tokens = ids[0, 1:, None]
-            log_ratio = (policy.gather(-1, tokens) - reference.gather(-1, tokens))[len(prompt_ids) - 1 :]
-            expected.append(log_ratio.sum().item())
+            answer_["logp"] = answer_logp(model, tokenizer, prompt, answer_["ids"])  # as sample_answers keeps it
+            with model.disable_adapter():
+                expected.append(answer_["logp"] - answer_logp(model, tokenizer, prompt, answer_["ids"]))
     assert abs(sum(expected) / 3) > 1e-3  # the adapter moved the policy
     # Batches of 2: answers of one prompt padded, then a batch of one; of 3: prompts of two lengths padded as well
     for batch_size in (2, 3):

@@ -201,8 +201,11 @@ QUICK_SIZES = {
     "samples_per_eval_prompt": 2,
 }
 QUICK_MAX_COMPLETION_LENGTH = 32
-# Answers generated together: on 2 CPU cores a batch of 64 costs about a fifth less per answer than one of 32.
-SAMPLING_BATCH_SIZE = 64
+# Answers generated together: on 2 CPU cores a batch of 128 costs about a fifth less per answer than one of 64.
+SAMPLING_BATCH_SIZE = 128
+# The preference pairs are sampled 64 at a time, as they were for the reward models that docs/real_model.md measures:
+# a batch of another size pads the prompts otherwise, and the same seed then draws other answers.
+PREFERENCE_SAMPLING_BATCH_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -275,27 +278,30 @@ def sample_answers(
     sampling: Sampling,
     seed: int,
     desc: str,
+    batch_size: int = SAMPLING_BATCH_SIZE,
 ) -> list[list[dict]]:
     """`num_per_prompt` answers per chat prompt, sampled as REINFORCE samples them: per prompt a list of {"text",
-    "ids" (the completion's tokens, with its end-of-turn when it finished), "finished"}."""
+    "ids" (the completion's tokens, with its end-of-turn when it finished), "finished", "logp" (log p of those tokens
+    under `model`, at temperature 1)}."""
     torch.manual_seed(seed)
     model.eval()
     eos = tokenizer.eos_token_id
     rows = [prompt for prompt in prompts for _ in range(num_per_prompt)]
     answers = []
-    for start in tqdm(range(0, len(rows), SAMPLING_BATCH_SIZE), desc=desc, leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, leave=False):
         texts = [
             tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
-            for p in rows[start : start + SAMPLING_BATCH_SIZE]
+            for p in rows[start : start + batch_size]
         ]
         # The chat template writes its own special tokens, as the trainers tokenize it
         inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        sampler = InverseCdfSampler(sampling.temperature, record_logps=True)
         output = model.generate(
             **inputs.to(model.device),
             # Temperature sampling with the draw made by the processor, greedy search keeping it: ten times cheaper
             # than `do_sample=True`'s torch.multinomial on a CPU
             do_sample=False,
-            logits_processor=[InverseCdfSampler(sampling.temperature)],
+            logits_processor=[sampler],
             temperature=None,
             top_k=None,
             top_p=None,
@@ -303,13 +309,13 @@ def sample_answers(
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=eos,
         )
-        for row in output[:, inputs["input_ids"].size(1) :].tolist():
+        token_logps = torch.stack(sampler.token_logps, dim=1).tolist()  # (rows, generated)
+        for row, logps in zip(output[:, inputs["input_ids"].size(1) :].tolist(), token_logps, strict=True):
             # pad = EOS here: the completion ends at its first EOS, which is kept as the end of its turn
             finished = eos in row
             ids = row[: row.index(eos) + 1] if finished else row
-            answers.append(
-                {"text": tokenizer.decode(ids, skip_special_tokens=True).strip(), "ids": ids, "finished": finished}
-            )
+            text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+            answers.append({"text": text, "ids": ids, "finished": finished, "logp": math.fsum(logps[: len(ids)])})
     return [answers[i : i + num_per_prompt] for i in range(0, len(answers), num_per_prompt)]
 
 
@@ -467,29 +473,29 @@ def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, a
 @torch.no_grad()
 def mean_kl(model, tokenizer, prompts: list[list[dict]], groups: list[list[dict]], batch_size: int = 32) -> float:
     """KL(policy || base) per answer, estimated on the policy's own samples: the mean of sum_t log pi - log pi_ref
-    over each answer's tokens (the reference is the same 4-bit base with the adapters switched off)."""
+    over each answer's tokens. log pi is the one `sample_answers` kept while sampling; the reference is the same 4-bit
+    base with the adapters switched off."""
     rows = []
     for prompt, group in zip(prompts, groups, strict=True):
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
-        rows += [(prompt_ids, answer["ids"]) for answer in group]
+        rows += [(prompt_ids, answer["ids"], answer["logp"]) for answer in group]
     differences = []
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
-        prompt_length = max(len(prompt) for prompt, _ in batch)
-        answer_length = max(len(answer) for _, answer in batch)
+        prompt_length = max(len(prompt) for prompt, _, _ in batch)
+        answer_length = max(len(answer) for _, answer, _ in batch)
         input_ids = torch.full((len(batch), prompt_length + answer_length), tokenizer.pad_token_id)
         attention_mask = torch.zeros_like(input_ids)
         answer_mask = torch.zeros(len(batch), answer_length, dtype=torch.long)
-        for row, (prompt, answer) in enumerate(batch):
+        for row, (prompt, answer, _) in enumerate(batch):
             tokens = slice(prompt_length - len(prompt), prompt_length + len(answer))
             input_ids[row, tokens] = torch.tensor(prompt + answer)
             attention_mask[row, tokens] = 1
             answer_mask[row, : len(answer)] = 1
         tensors = [t.to(model.device) for t in (input_ids, attention_mask, answer_mask)]
-        policy = answer_logps(model, *tensors)
         with model.disable_adapter():
-            reference = answer_logps(model, *tensors)
-        differences += (policy - reference).tolist()
+            reference = answer_logps(model, *tensors).tolist()
+        differences += [policy - ref for (_, _, policy), ref in zip(batch, reference, strict=True)]
     return statistics.fmean(differences)
 
 
@@ -514,12 +520,19 @@ def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArgument
     for offset, (split, items) in enumerate(splits.items()):
         prompts = [chat_prompt(item) for item in items]
         plain = args.completions_per_prompt - sum(contrasts[split].values())
-        groups = sample_answers(model, tokenizer, prompts, plain, sampling, seed + offset, f"sampling {split} pairs")
+        sample = functools.partial(
+            sample_answers,
+            model,
+            tokenizer,
+            sampling=sampling,
+            seed=seed + offset,
+            batch_size=PREFERENCE_SAMPLING_BATCH_SIZE,
+        )
+        groups = sample(prompts, plain, desc=f"sampling {split} pairs")
         for template, count in contrasts[split].items():
             if count:
-                contrast_prompts = [chat_prompt(item, template) for item in items]
-                contrast_groups = sample_answers(
-                    model, tokenizer, contrast_prompts, count, sampling, seed + offset, "contrast answers"
+                contrast_groups = sample(
+                    [chat_prompt(item, template) for item in items], count, desc="contrast answers"
                 )
                 groups = [group + extra for group, extra in zip(groups, contrast_groups, strict=True)]
         pairs = label_pairs(prompts, groups, args.tau)

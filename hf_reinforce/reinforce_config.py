@@ -96,6 +96,17 @@ class ReinforceConfig(RLOOConfig):
             "without 4-bit layers."
         },
     )
+    inverse_cdf_sampling: bool = field(
+        default=False,
+        metadata={
+            "help": "Draw each token by inverse transform sampling (one uniform number per completion against the "
+            "cumulative probabilities) instead of `torch.multinomial`, which on a CPU draws one exponential number "
+            "per vocabulary entry: the same distribution, other draws, about 40 ms less a token for 32 completions "
+            "over a 49k vocabulary on 2 cores. The drawn tokens' log-probabilities are kept from generation, so the "
+            "KL penalty needs no second forward over the rollouts. Plain temperature sampling with transformers' "
+            "`generate` only: no top_k, top_p, min_p or repetition_penalty, no vLLM or continuous batching."
+        },
+    )
     whiten_advantages: bool = field(
         default=False,
         metadata={"help": "Shift and scale the per-token advantages of each batch to mean 0 and variance 1."},
@@ -148,6 +159,8 @@ class ReinforceConfig(RLOOConfig):
             raise ValueError(f"missing_eos_penalty={self.missing_eos_penalty} must be a finite number or None.")
         if self.num_iterations < 1:
             raise ValueError(f"num_iterations={self.num_iterations} must be at least 1.")
+        if self.inverse_cdf_sampling:
+            self._check_inverse_cdf_sampling()
         resolve_device_defaults(self)
         try:
             super().__post_init__()
@@ -158,6 +171,25 @@ class ReinforceConfig(RLOOConfig):
                 raise
         # RLOO's flag and ours mean the same thing here; honour either.
         self.whiten_advantages = self.whiten_advantages or self.normalize_advantages
+
+    def _check_inverse_cdf_sampling(self) -> None:
+        """inverse_cdf_sampling replaces plain temperature sampling in transformers' `generate`, and nothing else."""
+        unsupported = {
+            "top_k": self.top_k not in (0, None),
+            "top_p": self.top_p != 1.0,
+            "min_p": self.min_p is not None,
+            "repetition_penalty": self.repetition_penalty != 1.0,
+            "use_vllm": self.use_vllm,
+            "use_transformers_continuous_batching": self.use_transformers_continuous_batching
+            or bool(getattr(self, "use_transformers_paged", False)),
+        }
+        for name, is_set in unsupported.items():
+            if is_set:
+                raise ValueError(
+                    "inverse_cdf_sampling draws from the plain temperature distribution with transformers' "
+                    f"`generate`, but {name}={getattr(self, name)!r}; reset `{name}` or set "
+                    "`inverse_cdf_sampling: false`."
+                )
 
     # Why: `Trainer` pickles its arguments into training_args.bin beside every saved model and checkpoint, which
     # `push_to_hub` uploads; the Hub token stays in memory only

@@ -1,4 +1,5 @@
 import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -7,6 +8,7 @@ from accelerate.utils import gather, pad_across_processes
 from datasets import Dataset, IterableDataset
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
+from transformers import GenerationConfig, LogitsProcessorList
 from trl import RLOOConfig, RLOOTrainer
 from trl.trainer.utils import disable_dropout_in_model, use_adapter
 
@@ -41,6 +43,7 @@ from .reward_models import (
     resolve_reward_models,
     same_quantization,
 )
+from .sampling import InverseCdfSampler, lm_head_in_blocks
 
 
 VALUE_MODEL_DIR = "value_model"
@@ -180,7 +183,7 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         # The KL penalty enters the return in `_generate_and_score_completions`, where the reference forward runs
         # once; zeroing RLOO's own coefficient keeps the parent from running it a second time.
         self.kl_coef, self.beta = self.beta, 0.0
-        self._scoring_rollouts, self._rollout_logps = False, None
+        self._scoring_rollouts, self._rollout_logps, self._generated_logps = False, None, None
         keep_4bit_layers_differentiable(self.model)
         self.reward_funcs = [self._as_scorer(index, func) for index, func in enumerate(self.reward_funcs)]
         self.critic = None
@@ -196,6 +199,7 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         for model in (self.model, self.value_model):  # LoRA on 4-bit weights trains as one product on CPUs
             if model is not None:
                 fuse_lora_for_training(self.accelerator.unwrap_model(model))
+        lm_head_in_blocks(self.accelerator.unwrap_model(self.model))  # the same logits, sooner, when decoding on CPUs
         if args.dequantize_for_inference:
             self._dequantize_for_inference()
 
@@ -272,11 +276,45 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         self._rewards_per_func = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
         return self._rewards_per_func
 
+    # torch.multinomial draws one exponential number per vocabulary entry, a large share of a CPU generation; with
+    # `inverse_cdf_sampling` a logits processor draws each token from one uniform and keeps its log-probability.
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
+        if not self.args.inverse_cdf_sampling:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+        sampler = InverseCdfSampler(self.temperature, record_logps=True, logps_temperature=self.temperature)
+        with self._generating_through(sampler):
+            completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
+        self._generated_logps = torch.stack(sampler.token_logps, dim=1) if sampler.token_logps else None  # (B, T)
+        return completion_ids
+
+    @contextlib.contextmanager
+    def _generating_through(self, sampler: InverseCdfSampler):
+        """RLOO's `generate` call made a greedy search that keeps the token `sampler`, its last processor, drew."""
+        greedy = {"do_sample": False, "temperature": None, "top_k": None, "top_p": None, "min_p": None}
+        sampling_config, self.generation_config = (
+            self.generation_config,
+            GenerationConfig(**{**self.generation_kwargs, **greedy}, disable_compile=True),
+        )
+        policy = self.accelerator.unwrap_model(self.model_wrapped)
+        policy.generate = functools.partial(
+            type(policy).generate, policy, logits_processor=LogitsProcessorList([sampler])
+        )
+        try:
+            yield
+        finally:
+            self.generation_config = sampling_config
+            del policy.generate
+
     # RLOO scores each rollout under the current policy for its ratio clipping; the REINFORCE loss needs those
-    # log-probabilities only for the KL penalty or for reusing the batch, so that forward pass is skipped otherwise.
+    # log-probabilities only for the KL penalty or for reusing the batch, so that forward pass is skipped otherwise,
+    # and taken from generation when it kept them.
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, *args, **kwargs):
         if self._scoring_rollouts and self.kl_coef == 0.0 and self.num_iterations == 1:
             return input_ids.new_zeros(input_ids.size(0), logits_to_keep, dtype=torch.float32), None, None
+        generated, self._generated_logps = self._generated_logps, None  # (B, T) or None
+        if self._scoring_rollouts and generated is not None and generated.size(1) >= logits_to_keep:
+            self._rollout_logps = generated[:, :logits_to_keep].to(input_ids.device)  # (B, C)
+            return self._rollout_logps, None, None
         result = super()._get_per_token_logps_and_entropies(
             model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
         )
@@ -290,7 +328,7 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         try:
             output = super()._generate_and_score_completions(inputs)
         finally:
-            self._scoring_rollouts = False
+            self._scoring_rollouts, self._generated_logps = False, None
         rollout_logps, self._rollout_logps = self._rollout_logps, None  # (B, C) or None
         output.pop("old_logps")  # a sequence sum; the per-token values are kept when they are needed
         if self.num_iterations > 1:

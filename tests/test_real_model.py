@@ -165,6 +165,48 @@ def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
         assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
 
 
+def test_reward_model_quality_scores_each_distinct_answer_once(monkeypatch):
+    scored = []
+
+    class LengthScorer:  # scores an answer by its length
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __call__(self, prompts, completions, completion_ids):
+            scored.extend(completion[0]["content"] for completion in completions)
+            return [float(len(completion[0]["content"])) for completion in completions]
+
+    monkeypatch.setattr(real_demo, "load_reward_adapter", lambda path: (None, build_tiny_tokenizer()))
+    monkeypatch.setattr(real_demo, "dequantize_for_inference", lambda model: None)
+    monkeypatch.setattr(real_demo, "RewardModelScorer", LengthScorer)
+    gold = {"a": 0.1, "bbb": 0.5, "cc": 0.9}
+    tent, sofa = chat("a tent"), chat("a sofa")
+
+    def pair(prompt, chosen, rejected):
+        return {
+            "prompt": prompt,
+            "chosen": answer(chosen),
+            "rejected": answer(rejected),
+            "gold_chosen": gold[chosen],
+            "gold_rejected": gold[rejected],
+        }
+
+    # The length ranks "bbb" above "cc", as the gold does not: 2 of the 3 pairs of the tent ranked right
+    pairs = [pair(tent, "bbb", "a"), pair(tent, "cc", "a"), pair(tent, "cc", "bbb"), pair(sofa, "cc", "a")]
+    quality = real_demo.reward_model_quality(Path("unused"), pairs)
+    assert sorted(scored) == ["a", "a", "bbb", "cc", "cc"]  # 5 distinct conversations, 8 sides of pairs
+    assert quality["reward_model_accuracy"] == 3 / 4 and quality["num_held_out_pairs"] == 4
+    # Pearson over the 5 distinct answers: lengths (3, 1, 2, 2, 1) against gold (0.5, 0.1, 0.9, 0.9, 0.1)
+    lengths, golds = [3, 1, 2, 2, 1], [0.5, 0.1, 0.9, 0.9, 0.1]
+    assert quality["reward_model_gold_correlation"] == pytest.approx(pearson(lengths, golds))
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+    covariance = sum((x - mean_x) * (y - mean_y) for x, y in zip(xs, ys))
+    return covariance / math.sqrt(sum((x - mean_x) ** 2 for x in xs) * sum((y - mean_y) ** 2 for y in ys))
+
+
 @pytest.mark.parametrize(
     "field, value",
     [

@@ -7,7 +7,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel
 from torch import nn
 from transformers import BitsAndBytesConfig
-from trl import RLOOConfig
+from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_models
@@ -358,6 +358,47 @@ def test_bad_configuration_is_named(tmp_path, tiny_paths):
     for baseline in ("critic", "mean", "none"):
         assert config(tmp_path, baseline=baseline, num_generations=1).num_generations == 1
     assert config(tmp_path, num_iterations=2).num_iterations == 2
+    for name, value in (("top_p", 0.9), ("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2)):
+        with pytest.raises(ValueError, match=f"inverse_cdf_sampling .* but {name}=.* reset `{name}`"):
+            config(tmp_path, inverse_cdf_sampling=True, **{name: value})
+
+
+def test_inverse_cdf_sampling_keeps_the_rollouts_log_probabilities(tmp_path, tiny_paths, monkeypatch):
+    """With a KL penalty, the rollouts' log π comes from generation: one forward less (the reference's is left), and
+    the same values as a full forward over prompt and completion."""
+    args = config(tmp_path, baseline="mean", beta=0.5, num_iterations=2, temperature=0.7, inverse_cdf_sampling=True)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    forwards = []
+    parent_pass = RLOOTrainer._get_per_token_logps_and_entropies
+    monkeypatch.setattr(
+        RLOOTrainer,
+        "_get_per_token_logps_and_entropies",
+        lambda self, *args, **kwargs: forwards.append(1) or parent_pass(self, *args, **kwargs),
+    )
+    trainer.model.train()
+    torch.manual_seed(0)
+    output = trainer._generate_and_score_completions([{"prompt": p} for p in ["ab", "cab"] for _ in range(4)])
+    assert len(forwards) == 1  # the reference's
+
+    input_ids = torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1)
+    attention_mask = torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1)
+    with torch.no_grad():
+        recomputed = trainer._get_per_token_logps_and_entropies(
+            trainer.model, input_ids, attention_mask, output["completion_ids"].size(1)
+        )[0]
+    mask = output["completion_mask"].bool()
+    assert mask.sum() > 8
+    torch.testing.assert_close(output["old_per_token_logps"][mask], recomputed[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_inverse_cdf_sampling_trains_and_restores_the_sampling_config(tmp_path, tiny_paths):
+    args = config(tmp_path, beta=0.1, inverse_cdf_sampling=True)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    before = snapshot(trainer.model.named_parameters())
+    trainer.train()
+    assert changed(before, trainer.model.named_parameters())
+    assert trainer.generation_config.do_sample and "generate" not in vars(trainer.model)
+    assert all(length > 0 for length in logged(trainer, "completions/mean_length"))
 
 
 def test_bad_value_models_are_named(tmp_path, tiny_paths):

@@ -1,7 +1,13 @@
 import pytest
 import torch
 
-from hf_reinforce.sampling import InverseCdfSampler, inverse_cdf_sample
+from hf_reinforce.sampling import (
+    LM_HEAD_BLOCK,
+    LM_HEAD_MAX_ROWS,
+    InverseCdfSampler,
+    inverse_cdf_sample,
+    lm_head_in_blocks,
+)
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
 
 
@@ -62,6 +68,46 @@ def test_greedy_generation_keeps_the_processors_draws():
     assert len(set(new_tokens.flatten().tolist())) > 2  # sampled, not one repeated greedy token
 
 
-def test_temperature_must_be_positive():
-    with pytest.raises(ValueError, match="temperature"):
-        InverseCdfSampler(temperature=0.0)
+@pytest.mark.parametrize("logps_temperature", [1.0, 0.5])
+def test_recorded_logps_are_the_drawn_tokens_at_their_temperature(logps_temperature):
+    scores = torch.tensor([[1.0, 2.0, 0.0, -1.0], [0.5, -3.0, 4.0, 1.0]])
+    sampler = InverseCdfSampler(0.7, record_logps=True, logps_temperature=logps_temperature)
+    tokens = sampler(None, scores).argmax(dim=-1)  # (2,): the only finite entry of each row
+    # log softmax(s / T)_k = s_k / T - log sum_j exp(s_j / T), by hand for each row
+    expected = [
+        row[k].item() / logps_temperature - torch.log(torch.exp(row / logps_temperature).sum()).item()
+        for row, k in zip(scores, tokens.tolist())
+    ]
+    assert len(sampler.token_logps) == 1
+    assert sampler.token_logps[0].tolist() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("name", ["temperature", "logps_temperature"])
+def test_temperatures_must_be_positive(name):
+    with pytest.raises(ValueError, match=name):
+        InverseCdfSampler(**{name: 0.0})
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_the_lm_head_in_blocks_gives_the_same_logits(bias):
+    head = torch.nn.Linear(16, 2 * LM_HEAD_BLOCK + 5, bias=bias)  # two whole blocks and a partial one
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    hidden = torch.randn(3, 4, 16)  # (B, T, hidden)
+    expected = head(hidden).detach()
+    products = []
+    original_linear = torch.nn.functional.linear
+    torch.nn.functional.linear = lambda x, w, b=None: products.append(w.size(0)) or original_linear(x, w, b)
+    try:
+        assert lm_head_in_blocks(model) and not lm_head_in_blocks(model)  # installed once
+        with torch.no_grad():
+            blocked = head(hidden)
+        assert products == [LM_HEAD_BLOCK, LM_HEAD_BLOCK, 5]
+        torch.testing.assert_close(blocked, expected, rtol=1e-6, atol=1e-6)
+        products.clear()
+        head(hidden)  # with gradients: one product, which autograd differentiates
+        with torch.no_grad():
+            head(torch.randn(LM_HEAD_MAX_ROWS + 1, 16))  # many rows: one product
+        assert products == [head.out_features] * 2
+    finally:
+        torch.nn.functional.linear = original_linear

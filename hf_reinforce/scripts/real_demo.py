@@ -52,7 +52,7 @@ from hf_reinforce.checks import looks_like_local_path  # noqa: E402
 from hf_reinforce.dequantized import dequantize_for_inference  # noqa: E402
 from hf_reinforce.gguf import DEFAULT_SMOLLM2_DIR, DownloadError, make_smollm2  # noqa: E402
 from hf_reinforce.reward_models import RewardModelScorer, load_reward_adapter  # noqa: E402
-from hf_reinforce.sampling import InverseCdfSampler  # noqa: E402
+from hf_reinforce.sampling import InverseCdfSampler, lm_head_in_blocks  # noqa: E402
 from hf_reinforce.scripts import HelpFormatter, model_init_kwargs  # noqa: E402
 from hf_reinforce.scripts import reinforce as reinforce_script  # noqa: E402
 from hf_reinforce.scripts import reward as reward_script  # noqa: E402
@@ -394,15 +394,17 @@ def reward_model_quality(adapter_dir: Path, pairs: list[dict]) -> dict:
     model, tokenizer = load_reward_adapter(adapter_dir)
     dequantize_for_inference(model)  # as the REINFORCE recipe scores answers: the same scores, sooner
     scorer = RewardModelScorer(model, tokenizer, [tokenizer.eos_token_id], name="reward_model", batch_size=32)
-    finished = [[tokenizer.eos_token_id]] * len(pairs)
-    prompts = [pair["prompt"] for pair in pairs]
-    chosen = scorer(prompts=prompts, completions=[pair["chosen"] for pair in pairs], completion_ids=finished)
-    rejected = scorer(prompts=prompts, completions=[pair["rejected"] for pair in pairs], completion_ids=finished)
-    by_answer = {}
-    for pair, score_c, score_r in zip(pairs, chosen, rejected, strict=True):
-        by_answer[json.dumps(pair["prompt"] + pair["chosen"])] = (score_c, pair["gold_chosen"])
-        by_answer[json.dumps(pair["prompt"] + pair["rejected"])] = (score_r, pair["gold_rejected"])
-    learned, golden = zip(*by_answer.values())
+    # Each answer sits in several pairs: every distinct one is scored once
+    answers = {}  # conversation as JSON -> (prompt, answer, gold)
+    for pair in pairs:
+        for side in ("chosen", "rejected"):
+            answers[json.dumps(pair["prompt"] + pair[side])] = (pair["prompt"], pair[side], pair[f"gold_{side}"])
+    prompts, completions, golden = zip(*answers.values())
+    finished = [[tokenizer.eos_token_id]] * len(answers)
+    learned = scorer(prompts=list(prompts), completions=list(completions), completion_ids=finished)
+    score = dict(zip(answers, learned, strict=True))
+    chosen = [score[json.dumps(pair["prompt"] + pair["chosen"])] for pair in pairs]
+    rejected = [score[json.dumps(pair["prompt"] + pair["rejected"])] for pair in pairs]
     return {
         "reward_model_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / len(pairs),
         "reward_model_gold_correlation": statistics.correlation(learned, golden),
@@ -507,6 +509,7 @@ def make_data(model_name: str, tokenizer, data_dir: Path, args: RealDemoArgument
     """Sample and label the pairs (training and held-out items) and write the datasets the recipes read."""
     train_items, held_out_items = split_items(args.num_held_out_items, seed)
     model = AutoModelForCausalLM.from_pretrained(model_name, dtype=torch.float32)
+    lm_head_in_blocks(model)
     pair_items = random.Random(seed).choices(train_items, k=args.num_pair_prompts)
     # Held-out pairs: the model's own answers to the plain prompt, as REINFORCE will sample them
     contrasts = {

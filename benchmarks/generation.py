@@ -1,15 +1,17 @@
-"""Generation speed of a 4-bit LoRA model with and without `dequantize_for_inference` and inverse-CDF sampling.
+"""Generation speed of a 4-bit LoRA model with and without `dequantize_for_inference`, inverse-CDF sampling and the
+LM head in vocabulary blocks.
 
     hf-reinforce make-smollm2 --output_dir outputs/smollm2-135m-instruct
     python benchmarks/generation.py --model outputs/smollm2-135m-instruct
 
 The model is loaded in NF4 with a LoRA adapter (r=16, every linear layer, random non-zero weights) as the
 SmolLM2 reinforce recipe trains it, in training mode as the trainer generates. Each batch size generates every row
-to `--tokens` tokens (`min_new_tokens`) from a chat prompt three ways: with the 4-bit layers as bitsandbytes and peft
-run them, through the dequantised, adapter-merged copies, and through those copies with each token drawn by
-`InverseCdfSampler` instead of `torch.multinomial` (as `hf-reinforce real-demo` samples). The three alternate within
-each repeat (the machine may be shared), and the median seconds per batch over repeats are reported with their ratios
-to the first.
+to `--tokens` tokens (`min_new_tokens`) from a chat prompt four ways: with the 4-bit layers as bitsandbytes and peft
+run them; through the dequantised, adapter-merged copies; through those copies with each token drawn by
+`InverseCdfSampler` instead of `torch.multinomial`; and with the LM head computed in blocks of the vocabulary as well
+(`lm_head_in_blocks`), as `ReinforceTrainer` with `inverse_cdf_sampling` and `hf-reinforce real-demo` generate on a
+CPU. The four alternate within each repeat (the machine may be shared), and the median seconds per batch over repeats
+are reported with their ratios to the first.
 """
 
 import argparse
@@ -22,15 +24,15 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
 from hf_reinforce.dequantized import ORIGINAL_FORWARD, dequantize_for_inference
-from hf_reinforce.sampling import InverseCdfSampler
+from hf_reinforce.sampling import InverseCdfSampler, lm_head_in_blocks
 from hf_reinforce.scripts import cpu_threads_per_process
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-# (dequantize_for_inference, inverse-CDF sampling) of each arm, in the order they run and are printed
-ARMS = ((False, False), (True, False), (True, True))
+# (dequantize_for_inference, inverse-CDF sampling, LM head in blocks) of each arm, in the order they run and print
+ARMS = ((False, False, False), (True, False, False), (True, True, False), (True, True, True))
 
 
 def seconds_to_generate(model, tokenizer, batch_size: int, tokens: int, inverse_cdf: bool) -> float:
@@ -46,8 +48,12 @@ def seconds_to_generate(model, tokenizer, batch_size: int, tokens: int, inverse_
     return time.perf_counter() - start
 
 
-def set_routing(model, routed: bool) -> None:
-    """Route the 4-bit layers through their dequantised copies, or back through bitsandbytes and peft."""
+def set_routing(model, routed: bool, head_in_blocks: bool) -> None:
+    """Route the 4-bit layers through their dequantised copies, or back through bitsandbytes and peft; compute the LM
+    head in vocabulary blocks, or in one product."""
+    model.get_output_embeddings().__dict__.pop("forward", None)
+    if head_in_blocks:
+        lm_head_in_blocks(model)
     if routed:
         dequantize_for_inference(model)
         return
@@ -75,27 +81,27 @@ def main():
     model = get_peft_model(model, lora).train()
     seconds = {(size, arm): [] for size in args.batch_sizes for arm in ARMS}
     for size in args.batch_sizes:
-        for routed, inverse_cdf in ARMS:  # warm-up: first calls allocate, the routed one fills its copies
-            set_routing(model, routed)
+        for routed, inverse_cdf, head_in_blocks in ARMS:  # warm-up: first calls allocate, routing fills the copies
+            set_routing(model, routed, head_in_blocks)
             seconds_to_generate(model, tokenizer, size, 4, inverse_cdf)
     for _ in range(args.repeats):
         for size in args.batch_sizes:
-            for routed, inverse_cdf in ARMS:
-                set_routing(model, routed)
-                time_taken = seconds_to_generate(model, tokenizer, size, args.tokens, inverse_cdf)
-                seconds[size, (routed, inverse_cdf)].append(time_taken)
+            for arm in ARMS:
+                routed, inverse_cdf, head_in_blocks = arm
+                set_routing(model, routed, head_in_blocks)
+                seconds[size, arm].append(seconds_to_generate(model, tokenizer, size, args.tokens, inverse_cdf))
     print(f"machine: {platform.platform()}, {args.threads} torch threads, torch {torch.__version__}")
     print(f"model: {args.model}, NF4 + LoRA r=16 on every linear layer, {args.tokens} tokens per row\n")
     print(
         "| answers per batch | 4-bit layers (s) | dequantize_for_inference (s) | ratio | + inverse-CDF sampling (s) "
-        "| ratio | s per answer, both |"
+        "| ratio | + LM head in blocks (s) | ratio | s per answer, all three |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for size in args.batch_sizes:
-        plain, routed, both = (statistics.median(seconds[size, arm]) for arm in ARMS)
+        plain, routed, sampled, blocks = (statistics.median(seconds[size, arm]) for arm in ARMS)
         print(
-            f"| {size} | {plain:.2f} | {routed:.2f} | {routed / plain:.2f}x | {both:.2f} | {both / plain:.2f}x "
-            f"| {both / size:.3f} |"
+            f"| {size} | {plain:.2f} | {routed:.2f} | {routed / plain:.2f}x | {sampled:.2f} | {sampled / plain:.2f}x "
+            f"| {blocks:.2f} | {blocks / plain:.2f}x | {blocks / size:.3f} |"
         )
 
 

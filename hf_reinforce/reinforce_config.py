@@ -102,9 +102,10 @@ class ReinforceConfig(RLOOConfig):
             "help": "Draw each token by inverse transform sampling (one uniform number per completion against the "
             "cumulative probabilities) instead of `torch.multinomial`, which on a CPU draws one exponential number "
             "per vocabulary entry: the same distribution, other draws, about 40 ms less a token for 32 completions "
-            "over a 49k vocabulary on 2 cores. The drawn tokens' log-probabilities are kept from generation, so the "
-            "KL penalty needs no second forward over the rollouts. Plain temperature sampling with transformers' "
-            "`generate` only: no top_k, top_p, min_p or repetition_penalty, no vLLM or continuous batching."
+            "over a 49k vocabulary on 2 cores. Without `generation_kwargs`, the drawn tokens' log-probabilities are "
+            "kept from generation, so the KL penalty needs no second forward over the rollouts. Plain temperature "
+            "sampling with transformers' `generate` only: no top_k, top_p, min_p or repetition_penalty, no vLLM or "
+            "continuous batching."
         },
     )
     whiten_advantages: bool = field(

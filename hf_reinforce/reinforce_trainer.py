@@ -281,7 +281,10 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields):
         if not self.args.inverse_cdf_sampling:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
-        sampler = InverseCdfSampler(self.temperature, record_logps=True, logps_temperature=self.temperature)
+        # The processor sees the scores after generate's own processors: they are the policy's logits only when
+        # `generation_kwargs` adds none (min_new_tokens, suppress_tokens...); otherwise the rollouts get their forward
+        keep_logps = not self.args.generation_kwargs
+        sampler = InverseCdfSampler(self.temperature, record_logps=keep_logps, logps_temperature=self.temperature)
         with self._generating_through(sampler):
             completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)
         self._generated_logps = torch.stack(sampler.token_logps, dim=1) if sampler.token_logps else None  # (B, T)

@@ -391,6 +391,18 @@ def test_inverse_cdf_sampling_keeps_the_rollouts_log_probabilities(tmp_path, tin
     torch.testing.assert_close(output["old_per_token_logps"][mask], recomputed[mask], atol=1e-5, rtol=1e-5)
 
 
+def test_inverse_cdf_sampling_scores_the_rollouts_when_generation_kwargs_process_the_logits(tmp_path, tiny_paths):
+    """min_new_tokens masks the end of sequence before the sampler sees the scores: those are not the policy's
+    log-probabilities, so the rollouts get their own forward and the KL to the unchanged reference starts at 0."""
+    args = config(
+        tmp_path, baseline="mean", beta=0.5, inverse_cdf_sampling=True, generation_kwargs={"min_new_tokens": 6}
+    )
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    trainer.model.train()
+    trainer._generate_and_score_completions([{"prompt": p} for p in ["ab", "cab"] for _ in range(4)])
+    assert trainer._metrics["train"]["kl"] == [pytest.approx(0.0, abs=1e-6)]
+
+
 def test_inverse_cdf_sampling_trains_and_restores_the_sampling_config(tmp_path, tiny_paths):
     args = config(tmp_path, beta=0.1, inverse_cdf_sampling=True)
     trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)

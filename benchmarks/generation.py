@@ -62,6 +62,23 @@ def set_routing(model, routed: bool, head_in_blocks: bool) -> None:
             module.forward = module.__dict__.pop(ORIGINAL_FORWARD)
 
 
+def lm_head_milliseconds(model, rows: int, repeats: int = 7) -> tuple[float, float]:
+    """Median ms of one decoding step's LM head product over `rows` rows: in one product, then in blocks."""
+    head = model.get_output_embeddings()
+    hidden = torch.randn(rows, 1, head.in_features)
+    times = {False: [], True: []}
+    with torch.no_grad():
+        for _ in range(repeats):
+            for in_blocks in (False, True):
+                head.__dict__.pop("forward", None)
+                if in_blocks:
+                    lm_head_in_blocks(model)
+                start = time.perf_counter()
+                head(hidden)
+                times[in_blocks].append(1000 * (time.perf_counter() - start))
+    return statistics.median(times[False]), statistics.median(times[True])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="outputs/smollm2-135m-instruct", help="A causal LM folder.")
@@ -103,6 +120,10 @@ def main():
             f"| {size} | {plain:.2f} | {routed:.2f} | {routed / plain:.2f}x | {sampled:.2f} | {sampled / plain:.2f}x "
             f"| {blocks:.2f} | {blocks / plain:.2f}x | {blocks / size:.3f} |"
         )
+    print("\n| rows | LM head, one product (ms) | in blocks (ms) | ratio |\n|---|---|---|---|")
+    for size in args.batch_sizes:
+        whole, in_blocks = lm_head_milliseconds(model, size)
+        print(f"| {size} | {whole:.1f} | {in_blocks:.1f} | {in_blocks / whole:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -282,8 +282,10 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         if not self.args.inverse_cdf_sampling:
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields)
         # The processor sees the scores after generate's own processors: they are the policy's logits only when
-        # `generation_kwargs` adds none (min_new_tokens, suppress_tokens...); otherwise the rollouts get their forward
-        keep_logps = not self.args.generation_kwargs
+        # `generation_kwargs` adds none (min_new_tokens, suppress_tokens...); otherwise the rollouts get their forward.
+        # Without a KL penalty or reused rollouts nothing reads them, and no token's log-probability is computed.
+        needed = self.kl_coef != 0.0 or self.num_iterations > 1
+        keep_logps = needed and not self.args.generation_kwargs
         sampler = InverseCdfSampler(self.temperature, record_logps=keep_logps, logps_temperature=self.temperature)
         with self._generating_through(sampler):
             completion_ids = super()._generate_single_turn(prompt_ids, images, multimodal_fields)

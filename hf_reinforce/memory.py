@@ -5,8 +5,9 @@ Nothing is loaded: every component is a closed-form count of the tensors that `R
 
 * **Weights**: one base per distinct model in the layout. A 4-bit base stores each decoder Linear in NF4 (two codes a
   byte) plus its quantization constants; embeddings, LM head, norms and biases stay in the model's `dtype`.
-* **Adapters**: LoRA A and B of every targeted Linear. TRL casts the policy's adapter of a quantized model to bf16;
-  every other adapter (an unquantized policy's, the critic's, the reward model's) is fp32, as PEFT makes them.
+* **Adapters**: LoRA A and B of every targeted Linear. TRL casts the policy's adapter of a quantized model to bf16
+  (`ReinforceTrainer` casts it back where the activations are fp32); every other adapter (an unquantized policy's,
+  the critic's, the reward model's) is fp32, as PEFT makes them.
 * **Optimizer states and gradients**: `torch.optim.AdamW` keeps exp_avg and exp_avg_sq in the parameter's own dtype
   (so 2 x 2 bytes for a bf16 adapter, 2 x 4 for an fp32 one); a gradient per trainable parameter, same dtype.
 * **Activations**: what a decoder layer saves for its backward, per token (`layer_activation_bytes`); with activation
@@ -246,8 +247,9 @@ class TrainingSetup:
 
     @property
     def policy_adapter_bytes(self) -> int:
-        """TRL casts the adapter of a quantized policy to bf16; PEFT makes an unquantized one's fp32."""
-        return 2 if self.quantization == "4bit" else 4
+        """TRL casts the adapter of a quantized policy to bf16, which ReinforceTrainer undoes for fp32 activations;
+        PEFT makes an unquantized one's fp32."""
+        return 2 if self.quantization == "4bit" and self.autocast else 4
 
 
 def with_layout(setup: TrainingSetup, layout: str) -> TrainingSetup:

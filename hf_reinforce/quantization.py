@@ -1,5 +1,6 @@
 """Keeping bitsandbytes 4-bit layers trainable on CPU."""
 
+import torch
 from torch import nn
 
 
@@ -14,3 +15,18 @@ def keep_4bit_layers_differentiable(model: nn.Module) -> nn.Module:
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False
     return model
+
+
+def cast_trainable_parameters_to_activation_dtype(model: nn.Module) -> None:
+    """Undo TRL's bf16 cast of a quantized model's trainable parameters when its activations are not bf16.
+
+    TRL casts LoRA (and a reward head) to bf16 for QLoRA, but bitsandbytes layers compute in `bnb_4bit_compute_dtype`
+    and return their input's dtype, so the hidden states keep the dtype of the unquantized embeddings. With fp32
+    embeddings a bf16 reward head fails with "expected m1 and m2 to have the same dtype", and a bf16 LoRA adapter
+    rounds every optimizer update to 8 bits of mantissa and runs its products in bf16, which CPUs without native bf16
+    compute several times slower than fp32.
+    """
+    activation_dtype = model.get_input_embeddings().weight.dtype
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
+            parameter.data = parameter.data.to(activation_dtype)

@@ -33,7 +33,7 @@ from .engines import engage_fsdp_on_cpu, engine_shards_base, outside_zero3_init,
 from .fused_lora import fuse_lora_for_training
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
-from .quantization import keep_4bit_layers_differentiable
+from .quantization import cast_trainable_parameters_to_activation_dtype, keep_4bit_layers_differentiable
 from .reinforce_config import ReinforceConfig
 from .reward_models import (
     RewardModelScorer,
@@ -184,6 +184,7 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         # once; zeroing RLOO's own coefficient keeps the parent from running it a second time.
         self.kl_coef, self.beta = self.beta, 0.0
         self._scoring_rollouts, self._rollout_logps, self._generated_logps = False, None, None
+        self._keep_fp32_adapter()
         keep_4bit_layers_differentiable(self.model)
         self.reward_funcs = [self._as_scorer(index, func) for index, func in enumerate(self.reward_funcs)]
         self.critic = None
@@ -202,6 +203,15 @@ class ReinforceTrainer(ResumableMixin, ModelCardMixin, RLOOTrainer):
         lm_head_in_blocks(self.accelerator.unwrap_model(self.model))  # the same logits, sooner, when decoding on CPUs
         if args.dequantize_for_inference:
             self._dequantize_for_inference()
+
+    def _keep_fp32_adapter(self) -> None:
+        """Undo TRL's bf16 cast of a quantized policy's adapter where its activations are fp32 (the CPU recipes): there
+        it only rounds the updates away and runs the adapter's products in bf16, which most CPUs compute several times
+        slower. With 16-bit activations the cast stays, as TRL meant it (and fp16 parameters would not train)."""
+        policy = self.accelerator.unwrap_model(self.model)
+        quantized = getattr(policy, "is_loaded_in_4bit", False) or getattr(policy, "is_loaded_in_8bit", False)
+        if quantized and policy.get_input_embeddings().weight.dtype == torch.float32:
+            cast_trainable_parameters_to_activation_dtype(policy)
 
     def _dequantize_for_inference(self) -> None:
         """Route the 4-bit layers of every model this trainer runs without gradients through dequantised weights."""

@@ -1,4 +1,4 @@
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from trl import RewardConfig as TRLRewardConfig
 
@@ -17,6 +17,15 @@ class RewardConfig(TRLRewardConfig):
 
     resume_from_checkpoint: str | None = resume_from_checkpoint_field()
     overwrite_output_dir: bool = overwrite_output_dir_field()
+    shared_prefix_forward: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the tokens that every sequence of a batch starts with (a chat template's system turn, an "
+            "instruction every prompt shares) once per batch, their keys and values shared by every sequence: the "
+            "same loss and gradients to float rounding, for that share of the tokens less compute. For decoder "
+            "models in one process, without activation checkpointing (which drops the shared keys and values)."
+        },
+    )
 
     def __post_init__(self):
         resolve_device_defaults(self)
@@ -30,6 +39,12 @@ class RewardConfig(TRLRewardConfig):
             raise ValueError(
                 "`center_rewards_coefficient` must be >= 0: a negative value rewards pushing every reward away "
                 f"from zero, which has no minimum. Got {self.center_rewards_coefficient}."
+            )
+        if self.shared_prefix_forward and self.activation_checkpointing:
+            raise ValueError(
+                "`shared_prefix_forward` needs the shared tokens' keys and values kept between two forwards, which "
+                "`activation_checkpointing` (TRL's default for reward models) turns off; set "
+                "`activation_checkpointing: false`, or `shared_prefix_forward: false`."
             )
 
     # Why: `Trainer` pickles its arguments into training_args.bin beside every saved model and checkpoint, which

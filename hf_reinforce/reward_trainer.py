@@ -8,12 +8,14 @@
 """
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict
 from peft import PeftConfig, PeftModel
 from transformers import BitsAndBytesConfig, DataCollator, PreTrainedModel, PreTrainedTokenizerBase, TrainerCallback
@@ -28,9 +30,10 @@ from .checks import check_local_path
 from .fused_lora import fuse_lora_for_training
 from .losses import bradley_terry_loss
 from .model_card import ModelCardMixin
-from .quantization import keep_4bit_layers_differentiable
+from .quantization import cast_trainable_parameters_to_activation_dtype, keep_4bit_layers_differentiable
 from .reward_config import RewardConfig
 from .reward_models import record_reward_training
+from .shared_prefix import forward_with_shared_prefix
 
 
 CHOSEN_PROB_COLUMN = "chosen_prob"
@@ -118,19 +121,6 @@ def with_reward_head_saved(peft_config: PeftConfig | None) -> PeftConfig | None:
     return peft_config
 
 
-def cast_trainable_parameters_to_activation_dtype(model: torch.nn.Module) -> None:
-    """Undo TRL's bf16 cast of a quantized model's trainable parameters when its activations are not bf16.
-
-    TRL casts LoRA and the reward head to bf16 for QLoRA, but bitsandbytes layers compute in `bnb_4bit_compute_dtype`
-    and return their input's dtype, so the hidden states keep the dtype of the unquantized embeddings: with fp32
-    embeddings a bf16 head fails with "expected m1 and m2 to have the same dtype".
-    """
-    activation_dtype = model.get_input_embeddings().weight.dtype
-    for parameter in model.parameters():
-        if parameter.requires_grad and parameter.dtype == torch.bfloat16:
-            parameter.data = parameter.data.to(activation_dtype)
-
-
 def check_preference_dataset(dataset: Dataset | IterableDataset, dataset_name: str) -> Dataset | IterableDataset:
     """Raise a `ValueError` naming the column and the fix if `dataset` is not a usable preference dataset.
 
@@ -209,6 +199,11 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
         if args is None:  # TRL would default to its own config, which skips our checks
             model_name = model if isinstance(model, str) else get_config_model_id(model.config)
             args = RewardConfig(f"{model_name.split('/')[-1]}-Reward")
+        if getattr(args, "shared_prefix_forward", False) and PartialState().num_processes > 1:
+            raise ValueError(
+                "`shared_prefix_forward` runs in one process: with several (DDP, DeepSpeed, FSDP) each forward of "
+                "the wrapped model would be taken for a step. Set `shared_prefix_forward: false`."
+            )
         super().__init__(
             model=model,
             args=args,
@@ -273,10 +268,14 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
         kept = [CHOSEN_PROB_COLUMN, *([self.args.length_column_name] if groups_by_length(self.args) else [])]
         self._signature_columns = [*self._signature_columns, *(c for c in kept if c not in self._signature_columns)]
 
-    # Why: swap TRL's hard-label loss for the soft-label one; TRL's forward pass and metrics are kept as they are
+    # Why: swap TRL's hard-label loss for the soft-label one; TRL's forward pass (less the tokens every sequence
+    # shares, with `shared_prefix_forward`) and metrics are kept as they are
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = dict(inputs)
         chosen_prob = inputs.pop(CHOSEN_PROB_COLUMN, None)  # (batch,) or None; the model must not receive it
+        if getattr(self.args, "shared_prefix_forward", False):  # a trl.RewardConfig has no such field
+            pad_token_id = self.accelerator.unwrap_model(model).config.get_text_config().pad_token_id
+            model = functools.partial(forward_with_shared_prefix, model, pad_token_id=pad_token_id)
         _, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
 
         # outputs.logits: (2·batch, 1), the chosen answers first

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from trl import RLOOConfig, RLOOTrainer
 
-from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel, fused_lora
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_models
 
 
@@ -156,6 +156,26 @@ def test_dequantize_for_inference_changes_speed_not_results(tmp_path, tiny_paths
     # the same completions (sampled from the same seed) and the same losses, to rounding
     for key, values in runs[0].items():
         assert runs[1][key] == pytest.approx(values, rel=1e-3, abs=1e-5), key
+
+
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_qlora_policy_adapter_takes_the_activation_dtype(tmp_path, tiny_paths, model_dtype, monkeypatch):
+    """TRL casts a quantized policy's adapter to bf16; on an fp32 model it goes back to fp32, so that it trains as one
+    fused product per layer (which needs the adapter in the activations' dtype); a bf16 model keeps it in bf16."""
+    fused = []
+    apply = fused_lora.LoraOn4bit.apply
+    monkeypatch.setattr(fused_lora.LoraOn4bit, "apply", lambda x, A, *rest: fused.append(A) or apply(x, A, *rest))
+    args = config(tmp_path, max_steps=2, model_init_kwargs={"dtype": model_dtype})
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS, **qlora_kwargs()
+    )
+    policy_adapter = {name: param for name, param in trainer.model.named_parameters() if ".default." in name}
+    before = snapshot(policy_adapter.items())
+    trainer.train()
+    assert changed(before, policy_adapter.items())
+    assert {param.dtype for param in policy_adapter.values()} == {model_dtype}
+    fused_policy_layers = {id(A) for A in fused} & {id(param) for param in policy_adapter.values()}
+    assert len(fused_policy_layers) == len(policy_adapter) // 2  # every LoRA A of the policy trained fused
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])

@@ -328,3 +328,33 @@ def test_streaming_dataset_is_checked_as_it_is_read(tokenizer, tmp_path):
 def test_config_rejects_values_that_cannot_train(tmp_path, field, value):
     with pytest.raises(ValueError, match=f"`{field}`"):
         tiny_config(tmp_path, **{field: value})
+
+
+def test_shared_prefix_forward_trains_as_the_full_forward_on_fewer_tokens(tokenizer, tmp_path, monkeypatch):
+    dataset = make_preference_dataset(32, seed=5, soft=True)
+    dataset = dataset.map(lambda row: {"prompt": "rate it briefly. " + row["prompt"]})  # 17 shared tokens
+    seen_lengths, runs = [], []
+    forward = type(build_tiny_reward_model(tokenizer)).forward
+
+    def recording_forward(model, input_ids=None, **kwargs):
+        seen_lengths.append(input_ids.size(1))
+        return forward(model, input_ids=input_ids, **kwargs)
+
+    monkeypatch.setattr(type(build_tiny_reward_model(tokenizer)), "forward", recording_forward)
+    for shared in (False, True):
+        model = build_tiny_reward_model(tokenizer)
+        args = tiny_config(tmp_path / str(shared), learning_rate=1e-2, shared_prefix_forward=shared)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        seen_lengths.clear()
+        trainer.train()
+        runs.append(([e["loss"] for e in trainer.state.log_history if "loss" in e], list(seen_lengths)))
+    (plain_losses, plain_lengths), (shared_losses, shared_lengths) = runs
+    assert shared_losses == pytest.approx(plain_losses, rel=1e-4)
+    # one prefix pass and one pass of the rest per step, the rest at least 17 tokens shorter
+    assert shared_lengths[0::2] == [17] * 3
+    assert all(rest <= full - 17 for rest, full in zip(shared_lengths[1::2], plain_lengths, strict=True))
+
+
+def test_shared_prefix_forward_refuses_activation_checkpointing(tmp_path):
+    with pytest.raises(ValueError, match="`shared_prefix_forward`.*activation_checkpointing: false"):
+        tiny_config(tmp_path, shared_prefix_forward=True, gradient_checkpointing=True)

@@ -188,8 +188,8 @@ def test_engine_runs_and_ranks_agree(tiny_workdir, engine):
 def test_two_process_ddp_matches_one_process(tiny_workdir):
     """16 prompts of one length per step either way: two processes of 8 rows, or one process of 8 rows with two steps
     of gradient accumulation, so the critic's chunks hold the same rows. The policy takes SGD steps: Adam turns the
-    rounding differences of a gradient entry near zero into a full step of either sign. The adapters train in bf16,
-    so the runs agree to about one bf16 rounding of the weights."""
+    rounding differences of a gradient entry near zero into a full step of either sign. The runs then agree to the
+    rounding of the same sums taken in another order."""
     prompts = tiny_workdir / "outputs" / "tiny" / "prompts"
     same_length = tiny_workdir / "outputs" / "parity" / "prompts"
     same_length.mkdir(parents=True)

@@ -5,21 +5,36 @@ a token of generation costs about twice what it costs the same model unquantised
 memory of an unquantised copy is affordable, each 4-bit layer keeps its weight dequantised once, with its active LoRA
 adapters merged in, and uses it whenever no gradient is wanted; a pass that needs gradients runs the layer as before.
 The merged copy is rebuilt when an adapter's weights change (an optimizer step, a loaded state) or another adapter is
-made active.
+made active. Fused optimizers (`torch.optim.AdamW(fused=True)`, transformers' default `adamw_torch_fused`) update the
+parameters in place without bumping their version counters, so every optimizer step, of any optimizer, counts as a
+change too.
 """
 
 import bitsandbytes as bnb
 import torch
 from peft.tuners.lora.bnb import Linear4bit as LoraLinear4bit
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 
 ORIGINAL_FORWARD = "_forward_before_dequantized"
 CACHE = "_dequantized_weights"
+# How many optimizer steps this process has taken, any optimizer: counted by a global post-step hook
+_optimizer_steps = [0]
+_step_counter = None
+
+
+def _count_optimizer_steps() -> None:
+    global _step_counter
+    if _step_counter is None:
+        _step_counter = register_optimizer_step_post_hook(
+            lambda optimizer, args, kwargs: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1)
+        )
 
 
 def dequantize_for_inference(model: torch.nn.Module) -> int:
     """Route every 4-bit linear layer of `model` (a LoRA layer on one as a whole) through a dequantised copy of its
     weight whenever gradients are off; returns how many layers were routed. Idempotent."""
+    _count_optimizer_steps()
     lora_bases = {id(module.base_layer) for module in model.modules() if isinstance(module, LoraLinear4bit)}
     routed = 0
     for module in model.modules():
@@ -83,13 +98,16 @@ def effective_weight(layer: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor
             return None
     if not adapters:
         return cache["base"]
-    merged_key = tuple(
-        (
-            name,
-            layer.scaling[name],
-            *((id(p), p.data_ptr(), p._version) for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)),
-        )
-        for name in adapters
+    merged_key = (
+        _optimizer_steps[0],
+        *(
+            (
+                name,
+                layer.scaling[name],
+                *((id(p), p.data_ptr(), p._version) for p in (layer.lora_A[name].weight, layer.lora_B[name].weight)),
+            )
+            for name in adapters
+        ),
     )
     if cache.get("merged_key") != merged_key:
         merged = cache["base"].clone()

@@ -7,10 +7,7 @@ a cache repeated to every row, and runs each row's own tokens on it: the same lo
 for the prefix's share of the batch's tokens less compute.
 """
 
-import inspect
-
 import torch
-from peft import PeftModel
 from transformers import DynamicCache
 
 
@@ -44,15 +41,8 @@ def forward_with_shared_prefix(
     if prefix == 0:
         return model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     cache = DynamicCache()
-    cached = {_cache_argument(model): cache, "use_cache": True}
+    cached = {"cache": cache, "use_cache": True}
     model(input_ids=input_ids[:1, :prefix], attention_mask=attention_mask[:1, :prefix], **cached)
     cache.batch_repeat_interleave(input_ids.size(0))  # (1, heads, prefix, dim) -> (B, ...); gradients sum back
     kwargs.pop("use_cache", None)
     return model(input_ids=input_ids[:, prefix:], attention_mask=attention_mask, **cached, **kwargs)
-
-
-def _cache_argument(model: torch.nn.Module) -> str:
-    """transformers renamed `past_key_values` to `cache` within 5.x; the model's own forward says which it takes."""
-    while isinstance(model, PeftModel) or hasattr(model, "module"):  # PEFT, or a DDP-style wrapper
-        model = model.get_base_model() if isinstance(model, PeftModel) else model.module
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"

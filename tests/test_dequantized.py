@@ -59,6 +59,23 @@ def test_no_grad_passes_match_the_4bit_layers_for_every_adapter_state(policy_pat
     assert not torch.allclose(other, base, atol=1e-3) and not torch.allclose(other, before_routing, atol=1e-3)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_the_merged_copy_follows_optimizer_steps_that_leave_version_counters_alone(policy_path, fused):
+    """transformers' default optimizer, fused AdamW, updates parameters in place without bumping `_version`: a merged
+    copy keyed on versions alone went on generating from the adapter as it was before training."""
+    model = lora_model(policy_path)
+    dequantize_for_inference(model)
+    input_ids = torch.randint(4, 50, (3, 10))
+    before = logits(model, input_ids, with_grad=False)  # builds the merged copy
+    adapter = [param for name, param in model.named_parameters() if ".default." in name]
+    optimizer = torch.optim.AdamW(adapter, lr=0.05, fused=fused)
+    model(input_ids).logits.square().mean().backward()
+    optimizer.step()
+    after = logits(model, input_ids, with_grad=False)
+    torch.testing.assert_close(after, logits(model, input_ids, with_grad=True), atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(after, before, atol=1e-3)
+
+
 def test_passes_with_gradients_are_untouched(policy_path):
     input_ids = torch.randint(4, 50, (2, 12))
     gradients = []

@@ -55,7 +55,8 @@ def _single_plain_adapter(layer: LoraLinear4bit, x: torch.Tensor) -> str | None:
     base = layer.base_layer
     if base.bias is not None and base.bias.requires_grad or layer.lora_A[adapter].weight.dtype != x.dtype:
         return None
-    if getattr(base.weight.quant_state, "packing_format_for_cpu", False):  # repacked for bitsandbytes' CPU kernel
+    quant_state = getattr(base.weight, "quant_state", None)  # none on a weight that FSDP2 has sharded
+    if quant_state is None or getattr(quant_state, "packing_format_for_cpu", False):  # or repacked for a CPU kernel
         return None
     return adapter
 

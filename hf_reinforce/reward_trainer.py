@@ -1,10 +1,12 @@
-"""Bradley-Terry reward model training with soft preference labels: TRL's `RewardTrainer` with four changes.
+"""Bradley-Terry reward model training with soft preference labels: TRL's `RewardTrainer` with five changes.
 
 1. The loss is `hf_reinforce.losses.bradley_terry_loss`, fed by an optional `chosen_prob` column (soft labels).
 2. Malformed preference data fails at construction with a message that names the row, the column and the fix.
 3. QLoRA trains on CPU with fp32 activations (TRL casts the trainable parameters of a quantized model to bf16) and
    keeps training after an evaluation (bitsandbytes would switch to a CPU kernel without backward).
 4. The reward head always joins the PEFT `modules_to_save`, so a saved adapter carries its trained head.
+5. With `shared_prefix_forward`, the tokens that every sequence of a batch starts with run once
+   (`hf_reinforce.shared_prefix`).
 """
 
 import copy

@@ -20,21 +20,14 @@ ORIGINAL_FORWARD = "_forward_before_dequantized"
 CACHE = "_dequantized_weights"
 # How many optimizer steps this process has taken, any optimizer: counted by a global post-step hook
 _optimizer_steps = [0]
-_step_counter = None
-
-
-def _count_optimizer_steps() -> None:
-    global _step_counter
-    if _step_counter is None:
-        _step_counter = register_optimizer_step_post_hook(
-            lambda optimizer, args, kwargs: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1)
-        )
+register_optimizer_step_post_hook(
+    lambda optimizer, args, kwargs: _optimizer_steps.__setitem__(0, _optimizer_steps[0] + 1)
+)
 
 
 def dequantize_for_inference(model: torch.nn.Module) -> int:
     """Route every 4-bit linear layer of `model` (a LoRA layer on one as a whole) through a dequantised copy of its
     weight whenever gradients are off; returns how many layers were routed. Idempotent."""
-    _count_optimizer_steps()
     lora_bases = {id(module.base_layer) for module in model.modules() if isinstance(module, LoraLinear4bit)}
     routed = 0
     for module in model.modules():

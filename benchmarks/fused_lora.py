@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from hf_reinforce.fused_lora import ORIGINAL_FORWARD, fuse_lora_for_training
 from hf_reinforce.scripts import cpu_threads_per_process
+from hf_reinforce.speedups.fused_lora import ORIGINAL_FORWARD, fuse_lora_for_training
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -23,9 +23,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
-from hf_reinforce.dequantized import ORIGINAL_FORWARD, dequantize_for_inference
-from hf_reinforce.sampling import InverseCdfSampler, lm_head_in_blocks
 from hf_reinforce.scripts import cpu_threads_per_process
+from hf_reinforce.speedups.dequantized import ORIGINAL_FORWARD, dequantize_for_inference
+from hf_reinforce.speedups.sampling import InverseCdfSampler, lm_head_in_blocks
 
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -27,8 +27,8 @@ from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
 from hf_reinforce.critic import Critic
-from hf_reinforce.dequantized import cached_tensors
 from hf_reinforce.scripts import cpu_threads_per_process
+from hf_reinforce.speedups.dequantized import cached_tensors
 from hf_reinforce.testing import save_tiny_models
 
 

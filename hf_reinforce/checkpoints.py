@@ -12,6 +12,7 @@ from safetensors import safe_open
 
 
 TRAINER_STATE = "trainer_state.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 # `resume_from_checkpoint` values that ask for the newest complete checkpoint of `output_dir` rather than a folder:
 # `true` fails when there is none, "auto" then starts afresh (a command that can be rerun after a kill). A YAML
@@ -154,6 +155,55 @@ def checkpoint_model_kind(checkpoint: Path) -> str | None:
     return None
 
 
+def check_same_tensors(checkpoint: Path, file_name: str, expected: dict, what: str, ignore_prefix=None) -> None:
+    """Raise a ValueError unless `file_name` in `checkpoint` holds tensors of the names and shapes of `expected`
+    (besides those named `ignore_prefix...`)."""
+    path = checkpoint / file_name
+    if not path.is_file():
+        raise ValueError(
+            f"{checkpoint} holds no {file_name}, so the {what} cannot be resumed from it: another kind of run "
+            "wrote it (another baseline, or a full model instead of an adapter). Resume with the settings of the "
+            "run that wrote it, or start afresh."
+        )
+    found = {
+        name: shape
+        for name, shape in safetensors_shapes(path).items()
+        if not (ignore_prefix and name.startswith(ignore_prefix))
+    }
+    expected = {name: tuple(tensor.shape) for name, tensor in expected.items()}
+    if found != expected:
+        differ = sorted(name for name in found.keys() & expected.keys() if found[name] != expected[name])
+        missing, extra = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())
+        raise ValueError(
+            f"The {what} in {path} does not fit this run's (missing {missing[:2]}, unexpected {extra[:2]}, other "
+            f"shapes {differ[:2]}): it was written with other model, LoRA or critic settings (e.g. "
+            "critic_shares_base, critic_layers). Resume with the settings of the run that wrote it, or start afresh."
+        )
+
+
+def check_reinforce_checkpoint(trainer, checkpoint: Path) -> None:
+    """Refuse a checkpoint a REINFORCE run cannot resume from: a reward model's, or one whose policy adapter or critic
+    does not fit this run's (where no engine shards the parameters whose shapes it compares)."""
+    from peft import PeftModel, get_peft_model_state_dict
+
+    from .critic import CRITIC_STATE
+
+    if checkpoint_model_kind(checkpoint) == "reward":
+        raise ValueError(
+            f"{checkpoint} is a checkpoint of a reward model (RewardTrainer); resume a REINFORCE run from one of "
+            "its own checkpoints, or give the reward model as `reward_model_name_or_path`."
+        )
+    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+        return  # the engines shard the parameters whose shapes the checks below compare
+    policy = trainer.accelerator.unwrap_model(trainer.model)
+    if isinstance(policy, PeftModel):
+        expected = get_peft_model_state_dict(policy, adapter_name="default")
+        check_same_tensors(checkpoint, ADAPTER_WEIGHTS, expected, "policy adapter")
+    if trainer.critic is not None:
+        expected = trainer.value_model.trainable_state_dict()
+        check_same_tensors(checkpoint, CRITIC_STATE, expected, "critic", ignore_prefix="statistics.")
+
+
 class ResumableMixin:
     """Checkpoint handling shared by the trainers: a run resumes only from a complete checkpoint written by the same
     kind of run, and a checkpoint being rewritten never looks complete."""
@@ -169,10 +219,18 @@ class ResumableMixin:
     def _check_resumable(self, checkpoint: Path) -> None:
         """Raise a ValueError naming `checkpoint` when this trainer cannot resume from it."""
 
-    # A run resumed from an earlier step rewrites later checkpoints: the old trainer state goes first, so that a kill
-    # during the rewrite leaves a folder that reads as incomplete
-    def _save_checkpoint(self, model, trial):
-        folder = Path(self._get_output_dir(trial=trial)) / f"{CHECKPOINT_PREFIX}{self.state.global_step}"
-        if self.args.should_save:
-            (folder / TRAINER_STATE).unlink(missing_ok=True)
-        super()._save_checkpoint(model, trial)
+    @staticmethod
+    def is_checkpoint_folder(folder) -> bool:
+        return checkpoint_step(Path(folder)) is not None
+
+    # A run resumed from an earlier step rewrites later checkpoints: the old trainer state goes first (the model is
+    # the first thing a checkpoint writes), so that a kill during the rewrite leaves a folder that reads as incomplete
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        if (
+            _internal_call
+            and output_dir is not None
+            and self.is_checkpoint_folder(output_dir)
+            and self.args.should_save
+        ):
+            (Path(output_dir) / TRAINER_STATE).unlink(missing_ok=True)
+        super().save_model(output_dir, _internal_call)

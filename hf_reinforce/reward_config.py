@@ -8,11 +8,37 @@ from .config_defaults import overwrite_output_dir_field, resolve_device_defaults
 @dataclass
 class RewardConfig(TRLRewardConfig):
     r"""
-    Configuration for [`RewardTrainer`]: every [`trl.RewardConfig`] field, unchanged, checked before training.
+    Configuration class for the [`RewardTrainer`]: every [`trl.RewardConfig`] field, checked before training.
+
+    This class lists only the parameters that this package adds to [`trl.RewardConfig`] or redefines; every other field
+    of [`trl.RewardConfig`] and [`~transformers.TrainingArguments`] keeps its meaning. `max_length` must be positive
+    or `None`, and `center_rewards_coefficient` non-negative.
 
     The trainer minimises the Bradley-Terry loss `−p·log σ(r_c − r_r − m) − (1−p)·log σ(r_r − r_c − m)`, where `p`
     is the dataset's optional `chosen_prob` column (1.0 when absent, which is TRL's loss) and `m` its optional
     `margin` column. Both are per-row data, so no field is needed to switch them on.
+
+    Parameters:
+        > Parameters that control the training
+
+        shared_prefix_forward (`bool`, *optional*, defaults to `False`):
+            Run the tokens that every sequence of a batch starts with (a chat template's system turn, an instruction
+            every prompt shares) once per batch, their keys and values shared by every sequence: the same loss and
+            gradients to float rounding, for that share of the tokens less compute. For decoder models in one
+            process, and only with `activation_checkpointing=False` (which TRL's reward default turns on).
+
+        > Parameters that control the training scripts
+
+        resume_from_checkpoint (`str`, *optional*):
+            A checkpoint folder, `true` for the newest complete checkpoint in `output_dir` (an error when there is
+            none), or `auto` for the same or a fresh start. A checkpoint cut off while being written is never resumed.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Let the training scripts replace a saved model in `output_dir`; without it they refuse such a folder.
+
+    > [!NOTE]
+    > These parameters have default values different from [`trl.RewardConfig`]:
+    > - `bf16`: Defaults to `True` only on an accelerator that supports it, instead of whenever `fp16` is not set.
+    > - `dataloader_pin_memory`: Always `False` without an accelerator, where there is nothing to pin memory for.
     """
 
     resume_from_checkpoint: str | None = resume_from_checkpoint_field()

@@ -25,7 +25,7 @@ from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_mode
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from .quantization import keep_4bit_layers_differentiable
+from .speedups.quantization import keep_4bit_layers_differentiable
 
 
 REWARD_TRAINING_FILE = "reward_training.json"
@@ -350,3 +350,48 @@ def unwrap_scorer(reward_func):
 
 def is_reward_model(reward_func) -> bool:
     return isinstance(unwrap_scorer(reward_func), PreTrainedModel | PeftModel)
+
+
+def shares_base_weights(model_a, model_b) -> bool:
+    """Whether two (PEFT) models sit on the same base weights: same architecture sizes and input embeddings."""
+    base_a = model_a.get_base_model() if isinstance(model_a, PeftModel) else model_a
+    base_b = model_b.get_base_model() if isinstance(model_b, PeftModel) else model_b
+    config_a, config_b = base_a.config.get_text_config(), base_b.config.get_text_config()
+    for key in ("model_type", "hidden_size", "num_hidden_layers", "vocab_size"):
+        if getattr(config_a, key, None) != getattr(config_b, key, None):
+            return False
+    embeddings_a, embeddings_b = base_a.get_input_embeddings().weight, base_b.get_input_embeddings().weight
+    return embeddings_a.shape == embeddings_b.shape and torch.equal(embeddings_a.cpu(), embeddings_b.cpu())
+
+
+def joins_policy_base(reward_func, policy, reward_shares_base: bool | None, base_is_sharded: bool) -> bool:
+    """A loaded reward `PeftModel` on the policy's own base weights, quantised alike, unless told otherwise."""
+    if reward_shares_base is False or base_is_sharded or not isinstance(policy, PeftModel):
+        return False
+    if not isinstance(reward_func, PeftModel) or not shares_base_weights(policy, reward_func):
+        return False
+    bases = (policy.get_base_model(), reward_func.get_base_model())
+    return same_quantization(*(getattr(base.config, "quantization_config", None) for base in bases))
+
+
+def as_scorer(trainer, index: int, reward_func, policy):
+    """Reward function `index` of a `ReinforceTrainer` as it scores: a reward model scores texts as `RewardTrainer`
+    trained it on them, never a cut-off completion as if it had ended, and a reward adapter trained on the policy's
+    base joins it there rather than holding a second copy of the base. Other reward functions are left as they are."""
+    from .engines import engine_shards_base
+
+    settings = {
+        "eos_token_ids": trainer.eos_token_ids,
+        "name": trainer.reward_func_names[index],
+        "batch_size": trainer.args.per_device_train_batch_size,
+    }
+    shared = isinstance(reward_func, SharedRewardAdapter)
+    if shared or joins_policy_base(reward_func, policy, trainer.args.reward_shares_base, engine_shards_base()):
+        source = reward_func.adapter_dir if shared else reward_func
+        tokenizer = (reward_func.tokenizer if shared else None) or trainer.reward_processing_classes[index]
+        return SharedBaseRewardScorer(policy, source, tokenizer, **settings)
+    if not isinstance(reward_func, torch.nn.Module):
+        return reward_func
+    if isinstance(reward_func, PeftModel) and not getattr(reward_func, "is_loaded_in_4bit", False):
+        reward_func.to(trainer.accelerator.device)  # TRL places only transformers models
+    return RewardModelScorer(reward_func, trainer.reward_processing_classes[index], **settings)

@@ -6,7 +6,7 @@
    keeps training after an evaluation (bitsandbytes would switch to a CPU kernel without backward).
 4. The reward head always joins the PEFT `modules_to_save`, so a saved adapter carries its trained head.
 5. With `shared_prefix_forward`, the tokens that every sequence of a batch starts with run once
-   (`hf_reinforce.shared_prefix`).
+   (`hf_reinforce.speedups.shared_prefix`).
 """
 
 import copy
@@ -29,13 +29,12 @@ from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import ResumableMixin, checkpoint_model_kind
 from .checks import check_local_path
-from .fused_lora import fuse_lora_for_training
 from .losses import bradley_terry_loss
 from .model_card import ModelCardMixin
-from .quantization import cast_trainable_parameters_to_activation_dtype, keep_4bit_layers_differentiable
 from .reward_config import RewardConfig
 from .reward_models import record_reward_training
-from .shared_prefix import forward_with_shared_prefix
+from .speedups import prepare_models
+from .speedups.shared_prefix import forward_with_shared_prefix
 
 
 CHOSEN_PROB_COLUMN = "chosen_prob"
@@ -225,10 +224,7 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
             self.data_collator = DataCollatorForSoftPreference(
                 pad_token_id=self.processing_class.pad_token_id, pad_to_multiple_of=self.args.pad_to_multiple_of
             )
-        if getattr(self.model, "is_loaded_in_4bit", False) or getattr(self.model, "is_loaded_in_8bit", False):
-            cast_trainable_parameters_to_activation_dtype(self.model)
-        keep_4bit_layers_differentiable(self.model)
-        fuse_lora_for_training(self.model)  # LoRA on 4-bit weights trains as one product on CPUs
+        prepare_models([self.model])  # QLoRA on CPU: fp32 adapters, differentiable 4-bit layers, fused LoRA
 
     # Why: a dataset whose every pair is longer than `max_length` would train on nothing and save an untrained model;
     # the length-grouped samplers of transformers look for `input_ids`, which a preference dataset does not have

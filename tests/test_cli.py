@@ -9,8 +9,7 @@ import pytest
 from trl import ScriptArguments
 
 from hf_reinforce import cli
-from hf_reinforce.scripts import reward
-from hf_reinforce.scripts.data import load_script_dataset
+from hf_reinforce.scripts import load_script_dataset, reward
 
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
@@ -116,7 +115,7 @@ def test_accelerate_config_launches_the_script_module_with_launch_flags_apart(la
     assert launched == [
         [
             sys.executable, "-m", "accelerate.commands.launch",
-            "--config_file", str(RECIPES / "accelerate_configs" / "ddp.yaml"),
+            "--config_file", str(cli.ACCELERATE_CONFIGS_DIR / "ddp.yaml"),
             "--num_processes", "2", "--main_process_port", "29555",
             "-m", "hf_reinforce.scripts.reinforce",
             "--config", str(TINY_REINFORCE_RECIPE), "--max_steps", "2",
@@ -152,9 +151,9 @@ def test_launch_returns_the_exit_code_of_accelerate(monkeypatch):
 
 def test_demo_dispatches_to_the_demo_script_with_its_arguments(monkeypatch):
     received = []
-    fake_demo = types.ModuleType("hf_reinforce.scripts.demo")
+    fake_demo = types.ModuleType("hf_reinforce.examples.demo")
     fake_demo.main = lambda: received.append(list(sys.argv))
-    monkeypatch.setitem(sys.modules, "hf_reinforce.scripts.demo", fake_demo)
+    monkeypatch.setitem(sys.modules, "hf_reinforce.examples.demo", fake_demo)
     monkeypatch.setattr(sys, "argv", ["hf-reinforce"])
 
     assert cli.main(["demo", "--output_dir", "outputs/demo"]) == 0

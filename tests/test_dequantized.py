@@ -1,12 +1,13 @@
-"""Dequantised 4-bit weights for the passes without gradients (`hf_reinforce.dequantized`): the same outputs as the
-4-bit layers, with whatever adapters are active, rebuilt when the adapters change; passes with gradients untouched."""
+"""Dequantised 4-bit weights for the passes without gradients (`hf_reinforce.speedups.dequantized`): the same outputs
+as the 4-bit layers, with whatever adapters are active, rebuilt when the adapters change; passes with gradients
+untouched."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from hf_reinforce.dequantized import CACHE, dequantize_for_inference
+from hf_reinforce.speedups.dequantized import CACHE, dequantize_for_inference
 from hf_reinforce.testing import save_tiny_models
 
 

@@ -3,7 +3,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from hf_reinforce import fused_lora
+from hf_reinforce.speedups import fused_lora
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
 
 

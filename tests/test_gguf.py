@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from hf_reinforce import cli
-from hf_reinforce.gguf import DownloadError, convert_gguf, make_smollm2
+from hf_reinforce.tools.gguf import DownloadError, convert_gguf, make_smollm2
 
 
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]

@@ -18,7 +18,7 @@ from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer, ValueHeadModel
-from hf_reinforce.quantization import keep_4bit_layers_differentiable
+from hf_reinforce.speedups.quantization import keep_4bit_layers_differentiable
 from hf_reinforce.testing import make_preference_dataset, save_tiny_models
 
 

@@ -11,9 +11,10 @@ import yaml
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from hf_reinforce import cli, memory
-from hf_reinforce.dequantized import cached_tensors, dequantize_for_inference
-from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
+from hf_reinforce import cli
+from hf_reinforce.examples.tiny import build_tiny_causal_lm, build_tiny_tokenizer
+from hf_reinforce.speedups.dequantized import cached_tensors, dequantize_for_inference
+from hf_reinforce.tools import memory
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -274,7 +275,7 @@ def test_estimate_prints_components_and_what_fits(capsys):
 
 
 def test_estimate_takes_a_model_config_and_overrides(capsys):
-    config = ROOT / "benchmarks" / "model_configs" / "Qwen2.5-32B" / "config.json"
+    config = memory.SHIPPED_MODEL_CONFIGS / "Qwen2.5-32B" / "config.json"
     argv = ["estimate", "--config", str(LLAMA_RECIPE), "--model_config", str(config), "--card_gib", "24"]
     assert cli.main([*argv, "--per_device_train_batch_size", "1", "--batch_sizes", "1"]) == 0
     out = capsys.readouterr().out

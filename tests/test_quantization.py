@@ -4,7 +4,7 @@ from bitsandbytes.nn.modules import has_avx512bf16
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from hf_reinforce.quantization import keep_4bit_layers_differentiable
+from hf_reinforce.speedups.quantization import keep_4bit_layers_differentiable
 from hf_reinforce.testing import save_tiny_models
 
 

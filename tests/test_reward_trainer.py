@@ -11,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, BitsAndBytesConfig
 
 from hf_reinforce import RewardConfig, RewardTrainer
 from hf_reinforce.losses import bradley_terry_loss
-from hf_reinforce.quantization import keep_4bit_layers_differentiable
+from hf_reinforce.speedups.quantization import keep_4bit_layers_differentiable
 from hf_reinforce.testing import (
     build_tiny_reward_model,
     build_tiny_tokenizer,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from hf_reinforce.sampling import (
+from hf_reinforce.speedups.sampling import (
     LM_HEAD_BLOCK,
     LM_HEAD_MAX_ROWS,
     InverseCdfSampler,

@@ -9,10 +9,10 @@ import torch
 from peft import PeftModel
 from trl import ModelConfig, ScriptArguments
 
-from hf_reinforce import ReinforceConfig
+from hf_reinforce import ReinforceConfig, scripts
 from hf_reinforce.cli import make_tiny
 from hf_reinforce.reward_models import RewardModelScorer, load_reward_adapter
-from hf_reinforce.scripts import data, reinforce, reward
+from hf_reinforce.scripts import reinforce, reward
 from hf_reinforce.testing import make_preference_dataset
 
 
@@ -154,7 +154,7 @@ def script_args(dataset_name: Path, **overrides) -> ScriptArguments:
 
 def test_a_single_data_file_becomes_the_train_split(tmp_path):
     make_preference_dataset(5).to_json(tmp_path / "pairs.jsonl")
-    dataset = data.load_script_dataset(script_args(tmp_path / "pairs.jsonl", dataset_train_split="train_prefs"))
+    dataset = scripts.load_script_dataset(script_args(tmp_path / "pairs.jsonl", dataset_train_split="train_prefs"))
     assert list(dataset) == ["train_prefs"]
     assert dataset["train_prefs"].column_names == ["prompt", "chosen", "rejected"]
     assert dataset["train_prefs"].num_rows == 5
@@ -165,42 +165,42 @@ def test_the_files_of_a_folder_are_splits_named_after_them(tmp_path):
     make_preference_dataset(4).to_parquet(tmp_path / "train-00001-of-00002.parquet")
     make_preference_dataset(3).to_parquet(tmp_path / "test.parquet")
     (tmp_path / "README.md").write_text("Files that hold no data are skipped.")
-    dataset = data.load_script_dataset(script_args(tmp_path))
+    dataset = scripts.load_script_dataset(script_args(tmp_path))
     assert {split: rows.num_rows for split, rows in dataset.items()} == {"train": 10, "test": 3}
 
 
 def test_csv_files_load(tmp_path):
     pd.DataFrame({"prompt": ["ab:", "cd:"]}).to_csv(tmp_path / "train.csv", index=False)
-    assert data.load_script_dataset(script_args(tmp_path))["train"]["prompt"] == ["ab:", "cd:"]
+    assert scripts.load_script_dataset(script_args(tmp_path))["train"]["prompt"] == ["ab:", "cd:"]
 
 
 def test_a_folder_mixing_formats_is_refused(tmp_path):
     make_preference_dataset(2).to_json(tmp_path / "train.jsonl")
     make_preference_dataset(2).to_parquet(tmp_path / "test.parquet")
     with pytest.raises(ValueError, match="mixes data formats"):
-        data.load_script_dataset(script_args(tmp_path))
+        scripts.load_script_dataset(script_args(tmp_path))
 
 
 def test_a_folder_without_data_files_is_refused(tmp_path):
     (tmp_path / "notes.txt").write_text("no data here")
     with pytest.raises(ValueError, match="No data file"):
-        data.load_script_dataset(script_args(tmp_path))
+        scripts.load_script_dataset(script_args(tmp_path))
 
 
 def test_a_missing_train_split_is_named(tmp_path):
     make_preference_dataset(2).to_json(tmp_path / "test.jsonl")
     with pytest.raises(ValueError, match="no split 'train'"):
-        data.load_script_dataset(script_args(tmp_path))
+        scripts.load_script_dataset(script_args(tmp_path))
 
 
 def test_the_eval_split_is_needed_only_when_evaluating(tmp_path):
     make_preference_dataset(2).to_json(tmp_path / "train.jsonl")
-    dataset = data.load_script_dataset(script_args(tmp_path))
+    dataset = scripts.load_script_dataset(script_args(tmp_path))
     no_eval = tiny_reinforce_args(tmp_path / "out")
-    assert data.eval_split(dataset, script_args(tmp_path), no_eval) is None
+    assert scripts.eval_split(dataset, script_args(tmp_path), no_eval) is None
 
     evaluating = ReinforceConfig(
         output_dir=str(tmp_path / "out"), use_cpu=True, bf16=False, eval_strategy="steps", eval_steps=1
     )
     with pytest.raises(ValueError, match="'test'"):
-        data.eval_split(dataset, script_args(tmp_path), evaluating)
+        scripts.eval_split(dataset, script_args(tmp_path), evaluating)

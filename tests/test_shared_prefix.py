@@ -2,7 +2,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from hf_reinforce.shared_prefix import forward_with_shared_prefix, shared_prefix_length
+from hf_reinforce.speedups.shared_prefix import forward_with_shared_prefix, shared_prefix_length
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_reward_model, build_tiny_tokenizer
 
 

@@ -2,14 +2,33 @@
 Training scripts, each runnable as `python -m hf_reinforce.scripts.<name>` or
 `accelerate launch -m hf_reinforce.scripts.<name>`, and through the `hf-reinforce` CLI.
 
-This module holds what both scripts share besides dataset loading (which lives in `data.py`).
+This module holds what both scripts share: dataset loading (a Hub dataset, a local data file, or a folder of data
+files), CPU threads, model loading arguments, and the end of a run.
 """
 
 import argparse
+import codecs
 import gc
 import os
+import re
+from collections import defaultdict
+from pathlib import Path
 
-from trl import TrlParser
+from datasets import DatasetDict, IterableDatasetDict, load_dataset
+from datasets.exceptions import DatasetGenerationError
+from trl import TrlParser, get_peft_config, get_quantization_config
+
+from hf_reinforce.checkpoints import check_output_dir
+from hf_reinforce.checks import check_local_path
+from hf_reinforce.engines import check_engine_engaged, check_quantization_for_engine
+
+
+# The `datasets` builder that reads each kind of local data file.
+BUILDER_BY_SUFFIX = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+# Sharded exports name their files `train-00000-of-00004.parquet`; every shard belongs to the split `train`.
+SHARD_SUFFIX = re.compile(r"-\d+-of-\d+$")
+TEXT_BUILDERS = ("json", "csv")
+READ_CHUNK_BYTES = 1 << 20
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -102,6 +121,43 @@ def release_process_group(trainer) -> None:
     trainer.end()
 
 
+def prepare_run(script_args, training_args, model_args, local_paths: tuple[str, ...]):
+    """What both scripts do before any model loads: refuse a missing local path (the script arguments named in
+    `local_paths`, then the model), 4-bit weights the launched engine cannot shard and an output folder that holds an
+    earlier result; set the CPU threads and the model loading arguments. Returns the loaded dataset."""
+    for name in local_paths:
+        check_local_path(getattr(script_args, name), name)
+    check_local_path(model_args.model_name_or_path, "model_name_or_path")
+    check_quantization_for_engine(model_args)
+    check_output_dir(training_args)
+    set_cpu_threads()
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    return load_script_dataset(script_args)
+
+
+def trainer_inputs(dataset, script_args, training_args, model_args) -> dict:
+    """The trainer arguments both scripts take from the flags: the base model, the splits, quantization and LoRA."""
+    return {
+        "model": model_args.model_name_or_path,
+        "args": training_args,
+        "train_dataset": dataset[script_args.dataset_train_split],
+        "eval_dataset": eval_split(dataset, script_args, training_args),
+        "quantization_config": get_quantization_config(model_args),
+        "peft_config": get_peft_config(model_args),
+    }
+
+
+def train(trainer, training_args) -> None:
+    """Check that the launch's engine (DeepSpeed, FSDP) took hold, then train, resuming when asked."""
+    check_engine_engaged(trainer.accelerator)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+
+def run_script(make_parser, main) -> None:
+    """A script's `__main__`: its flags (and recipe) from the command line, then its `main`."""
+    main(*make_parser().parse_args_and_config())
+
+
 def make_script_parser(dataclass_types: tuple, description: str, prog: str | None = None) -> TrlParser:
     return TrlParser(
         dataclass_types,
@@ -111,3 +167,96 @@ def make_script_parser(dataclass_types: tuple, description: str, prog: str | Non
         description=description,
         formatter_class=HelpFormatter,
     )
+
+
+# ---- datasets ----
+def check_text_file(path: Path) -> None:
+    """Refuse an empty file, or one that is not UTF-8, naming the file and the line of the first bad byte (the
+    readers would fail with a bare StopIteration or UnicodeDecodeError, or read the bytes as other characters)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    line, has_text = 1, False
+    with open(path, "rb") as file:
+        while chunk := file.read(READ_CHUNK_BYTES):
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as error:
+                bad_line = line + chunk[: error.start].count(b"\n")
+                raise ValueError(
+                    f"{path} is not UTF-8 text (byte {error.object[error.start : error.start + 1]!r} on line "
+                    f"{bad_line}); save it as UTF-8, e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed{path.suffix}`."
+                ) from None
+            line += chunk.count(b"\n")
+            has_text = has_text or bool(text.strip())
+    if not has_text:
+        raise ValueError(f"{path} is empty; give it at least one row, or remove it from the dataset folder.")
+
+
+def local_data_files(path: Path, train_split: str) -> tuple[str, dict[str, list[str]]]:
+    """
+    Return the `datasets` builder and the split → files mapping for a local data file or folder.
+
+    A single file becomes the split `train_split`. In a folder, each file's name (without extension and shard suffix)
+    is its split, so `train.jsonl` + `test.jsonl` give the splits `train` and `test`.
+    """
+    files = [path] if path.is_file() else sorted(child for child in path.iterdir() if child.is_file())
+    data_files = [file for file in files if file.suffix in BUILDER_BY_SUFFIX]
+    if not data_files:
+        raise ValueError(
+            f"No data file found at {path}: expected a file or a folder of files ending in "
+            f"{', '.join(BUILDER_BY_SUFFIX)}."
+        )
+    builders = {BUILDER_BY_SUFFIX[file.suffix] for file in data_files}
+    if len(builders) > 1:
+        raise ValueError(f"{path} mixes data formats ({', '.join(sorted(builders))}); keep one format per folder.")
+
+    if path.is_file():
+        return builders.pop(), {train_split: [str(path)]}
+    files_by_split = defaultdict(list)
+    for file in data_files:
+        files_by_split[SHARD_SUFFIX.sub("", file.stem)].append(str(file))
+    return builders.pop(), dict(files_by_split)
+
+
+def load_script_dataset(script_args) -> DatasetDict | IterableDatasetDict:
+    """
+    Load `script_args.dataset_name`: a local data file or folder when that path exists, otherwise a Hub dataset.
+
+    `script_args` is a [`trl.ScriptArguments`]; `dataset_config` applies to Hub datasets only.
+    """
+    path = Path(script_args.dataset_name).expanduser()
+    if path.exists():
+        builder, data_files = local_data_files(path, script_args.dataset_train_split)
+        if builder in TEXT_BUILDERS:
+            for files in data_files.values():
+                for file in files:
+                    check_text_file(Path(file))
+        try:
+            dataset = load_dataset(builder, data_files=data_files, streaming=script_args.dataset_streaming)
+        except DatasetGenerationError as error:
+            cause = error.__cause__ or error.__context__
+            raise ValueError(
+                f"{path} could not be read as {builder}: {cause or error}. Fix the file (each .jsonl line is one JSON "
+                "object; a .json file is a list of objects or one object per line)."
+            ) from error
+    else:
+        dataset = load_dataset(
+            script_args.dataset_name, name=script_args.dataset_config, streaming=script_args.dataset_streaming
+        )
+    if script_args.dataset_train_split not in dataset:
+        raise ValueError(
+            f"{script_args.dataset_name} has no split {script_args.dataset_train_split!r} (it has "
+            f"{', '.join(dataset)}); set `dataset_train_split` to one of them."
+        )
+    return dataset
+
+
+def eval_split(dataset: DatasetDict | IterableDatasetDict, script_args, training_args):
+    """The evaluation split when the trainer evaluates (`eval_strategy` other than "no"), else None."""
+    if training_args.eval_strategy == "no":
+        return None
+    if script_args.dataset_test_split not in dataset:
+        raise ValueError(
+            f"Evaluating needs the split {script_args.dataset_test_split!r}, which {script_args.dataset_name} lacks "
+            f"(it has {', '.join(dataset)}); set `dataset_test_split` to one of them or `eval_strategy` to 'no'."
+        )
+    return dataset[script_args.dataset_test_split]

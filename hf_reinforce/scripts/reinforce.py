@@ -13,19 +13,19 @@ Flags given with --config override the recipe's values, e.g. --baseline rloo --n
 
 from dataclasses import dataclass, field
 
-from trl import ModelConfig, ScriptArguments, TrlParser, get_peft_config, get_quantization_config
+from trl import ModelConfig, ScriptArguments, TrlParser
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
-from hf_reinforce.checkpoints import check_output_dir
-from hf_reinforce.checks import check_local_path
-from hf_reinforce.engines import (
-    check_engine_engaged,
-    check_quantization_for_engine,
-    load_models_whole_on_every_process,
-)
+from hf_reinforce.engines import load_models_whole_on_every_process
 from hf_reinforce.reinforce_trainer import check_enough_prompts
-from hf_reinforce.scripts import make_script_parser, model_init_kwargs, save_and_finish, set_cpu_threads
-from hf_reinforce.scripts.data import eval_split, load_script_dataset
+from hf_reinforce.scripts import (
+    make_script_parser,
+    prepare_run,
+    run_script,
+    save_and_finish,
+    train,
+    trainer_inputs,
+)
 
 
 @dataclass
@@ -53,41 +53,26 @@ class ReinforceScriptArguments(ScriptArguments):
     )
 
 
-def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig):
-    if script_args.reward_model_name_or_path is None:
-        raise ValueError("Set `reward_model_name_or_path`: REINFORCE needs a reward model to score the completions.")
-    for name in ("reward_model_name_or_path", "value_model_name_or_path", "dataset_name"):
-        check_local_path(getattr(script_args, name), name)
-    check_local_path(model_args.model_name_or_path, "model_name_or_path")
-    check_quantization_for_engine(model_args)
-    check_output_dir(training_args)
-    set_cpu_threads()
-    load_models_whole_on_every_process()
-    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-
-    dataset = load_script_dataset(script_args)
-    check_enough_prompts(dataset[script_args.dataset_train_split], training_args)  # before any model loads
-    trainer = ReinforceTrainer(
-        model=model_args.model_name_or_path,
-        # A reward adapter goes back onto its base quantised as at training time; a full model loads as saved
-        reward_funcs=script_args.reward_model_name_or_path,
-        args=training_args,
-        train_dataset=dataset[script_args.dataset_train_split],
-        eval_dataset=eval_split(dataset, script_args, training_args),
-        quantization_config=get_quantization_config(model_args),
-        peft_config=get_peft_config(model_args),
-        value_model=script_args.value_model_name_or_path,
-    )
-    check_engine_engaged(trainer.accelerator)
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    save_and_finish(trainer, training_args, script_args.dataset_name, saved_what="Policy")
-
-
 def make_parser(prog: str | None = None) -> TrlParser:
     return make_script_parser((ReinforceScriptArguments, ReinforceConfig, ModelConfig), __doc__, prog)
 
 
+def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig):
+    if script_args.reward_model_name_or_path is None:
+        raise ValueError("Set `reward_model_name_or_path`: REINFORCE needs a reward model to score the completions.")
+    paths = ("reward_model_name_or_path", "value_model_name_or_path", "dataset_name")
+    dataset = prepare_run(script_args, training_args, model_args, local_paths=paths)
+    load_models_whole_on_every_process()
+    check_enough_prompts(dataset[script_args.dataset_train_split], training_args)  # before any model loads
+    trainer = ReinforceTrainer(
+        # A reward adapter goes back onto its base quantised as at training time; a full model loads as saved
+        reward_funcs=script_args.reward_model_name_or_path,
+        value_model=script_args.value_model_name_or_path,
+        **trainer_inputs(dataset, script_args, training_args, model_args),
+    )
+    train(trainer, training_args)
+    save_and_finish(trainer, training_args, script_args.dataset_name, saved_what="Policy")
+
+
 if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config()
-    main(script_args, training_args, model_args)
+    run_script(make_parser, main)

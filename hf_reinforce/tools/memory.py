@@ -71,8 +71,9 @@ LAYOUTS = {
     "separate-critic": "ReinforceTrainer with a critic on a 4-bit base of its own (critic_shares_base=False)",
     "ppo": "PPO-style: separate policy (LoRA), reference, critic (LoRA) and reward model, none quantized",
 }
-# Where a checkout keeps the config.json files of the models the recipes name (the Hub may be out of reach).
-SHIPPED_MODEL_CONFIGS = Path(__file__).resolve().parent.parent / "benchmarks" / "model_configs"
+# The config.json files of the models the recipes name (the Hub may be out of reach), shipped with the package: copies
+# of benchmarks/model_configs, which documents them (a test keeps the two equal).
+SHIPPED_MODEL_CONFIGS = Path(__file__).resolve().parent / "model_configs"
 
 
 # ---- the model ----
@@ -149,7 +150,7 @@ def shape_from_config(config) -> ModelShape:
 
 
 def find_model_config(model_name_or_path: str) -> Path:
-    """The config.json of a model: in its local folder, among the shipped ones (benchmarks/model_configs/<name>, an
+    """The config.json of a model: in its local folder, among the shipped ones (`SHIPPED_MODEL_CONFIGS`/<name>, an
     `-Instruct` variant falling back to its base), or in the local Hugging Face cache."""
     folder = Path(model_name_or_path)
     if (folder / "config.json").is_file():
@@ -506,9 +507,32 @@ def critic_layer_count(shape: ModelShape, setup: TrainingSetup) -> int:
 
 def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     """Every component of the peak, with the phases it is alive in."""
+    critic_layers = critic_layer_count(shape, setup)
+    parts = held_components(shape, setup, critic_layers)
+    parts += generation_components(shape, setup)
+    parts += no_grad_pass_components(shape, setup, critic_layers)
+    parts += critic_components(shape, setup, critic_layers)
+    parts += policy_update_components(shape, setup)
+    return MemoryEstimate(tuple(parts), CUDA_OVERHEAD_BYTES if setup.device == "cuda" else 0)
+
+
+def policy_adapter_size(shape: ModelShape, setup: TrainingSetup) -> int:
+    """Bytes of the policy's LoRA adapter (and of its gradients)."""
+    return (
+        lora_parameters(shape, setup.lora_target_modules, setup.lora_r, shape.num_layers) * setup.policy_adapter_bytes
+    )
+
+
+def critic_trainable_size(shape: ModelShape, setup: TrainingSetup, critic_layers: int) -> int:
+    """Bytes of the critic's fp32 adapter and value head (and of their gradients)."""
+    return lora_parameters(shape, setup.lora_target_modules, setup.lora_r, critic_layers) * 4 + value_head_bytes(shape)
+
+
+def held_components(shape: ModelShape, setup: TrainingSetup, critic_layers: int) -> list[Component]:
+    """What the run holds throughout (weights, adapters, optimizer states, the rollout batch) and the 4-bit
+    dequantization of every forward."""
     c, quantized = setup.activation_bytes, setup.quantization == "4bit"
-    b, g, s = setup.per_device_train_batch_size, setup.generation_batch_size, setup.sequence_length
-    h, targets, r = shape.hidden_size, setup.lora_target_modules, setup.lora_r
+    targets, r = setup.lora_target_modules, setup.lora_r
     policy_adapter_bytes = setup.policy_adapter_bytes
 
     def base(head: str) -> int:
@@ -526,12 +550,11 @@ def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     elif setup.reward_model == "shared":
         forward_phases += ("rewards",)
 
-    policy_lora = lora_parameters(shape, targets, r, shape.num_layers) * policy_adapter_bytes
+    policy_lora = policy_adapter_size(shape, setup)
     parts.append(Component("policy adapter", policy_lora, PHASES, f"LoRA r={r}, {policy_adapter_bytes}-byte"))
     trainable = policy_lora
-    critic_layers = critic_layer_count(shape, setup)
     if setup.critic != "none":
-        critic_trainable = lora_parameters(shape, targets, r, critic_layers) * 4 + value_head_bytes(shape)
+        critic_trainable = critic_trainable_size(shape, setup, critic_layers)
         parts.append(
             Component("critic adapter + value head", critic_trainable, PHASES, f"fp32, {critic_layers} layers")
         )
@@ -540,7 +563,9 @@ def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
         reward_adapter = lora_parameters(shape, targets, r, shape.num_layers) * 4
         parts.append(Component("reward adapter", reward_adapter, PHASES, "fp32, inference only"))
     parts.append(Component("optimizer states", 2 * trainable, PHASES, "AdamW exp_avg + exp_avg_sq, param dtype"))
-    parts.append(Component("rollout batch", rollout_batch_bytes(setup), PHASES, f"{g} completions"))
+    parts.append(
+        Component("rollout batch", rollout_batch_bytes(setup), PHASES, f"{setup.generation_batch_size} completions")
+    )
 
     if quantized:
         parts.append(
@@ -549,40 +574,73 @@ def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
     if quantized and setup.dequantize_for_inference:
         copies = dequantized_copies_bytes(shape, targets, c)
         parts.append(Component("dequantized weights", copies, PHASES, "dequantize_for_inference: base + merged"))
-    parts.append(Component("KV cache", kv_cache_bytes(shape, g, s, c), ("generation",), f"{g} x {s} tokens"))
-    parts.append(Component("generation working set", generation_working_bytes(shape, setup), ("generation",)))
+    return parts
+
+
+def generation_components(shape: ModelShape, setup: TrainingSetup) -> list[Component]:
+    """The KV cache and working set of generation, and the reward model's forward."""
+    c, g, s = setup.activation_bytes, setup.generation_batch_size, setup.sequence_length
+    parts = [
+        Component("KV cache", kv_cache_bytes(shape, g, s, c), ("generation",), f"{g} x {s} tokens"),
+        Component("generation working set", generation_working_bytes(shape, setup), ("generation",)),
+    ]
     if setup.reward_model != "function":
         rows = setup.reward_batch_size
-        reward_working = forward_working_bytes(shape, rows * (s + 1), c, 4, setup.autocast, targets)
+        reward_working = forward_working_bytes(shape, rows * (s + 1), c, 4, setup.autocast, setup.lora_target_modules)
         parts.append(Component("reward forward", reward_working, ("rewards",), f"{rows} x {s + 1} tokens, no grad"))
+    return parts
 
+
+def no_grad_pass_components(shape: ModelShape, setup: TrainingSetup, critic_layers: int) -> list[Component]:
+    """The log-probability passes without gradients, and the layer input a shared critic reuses from them."""
+    c, h, targets = setup.activation_bytes, shape.hidden_size, setup.lora_target_modules
+    b, g, s = setup.per_device_train_batch_size, setup.generation_batch_size, setup.sequence_length
     rows = scored_rows(setup, b)
-    passes = forward_working_bytes(shape, b * s, c, policy_adapter_bytes, setup.autocast, targets)
+    passes = forward_working_bytes(shape, b * s, c, setup.policy_adapter_bytes, setup.autocast, targets)
     passes += fused_head_bytes(rows, shape, c, setup.device, backward=False)
-    parts.append(Component("no-grad passes", passes, ("log-prob passes",), f"micro-batches of {b}, log-prob tiles"))
+    parts = [Component("no-grad passes", passes, ("log-prob passes",), f"micro-batches of {b}, log-prob tiles")]
     reuses_reference = setup.critic == "shared" and critic_layers < shape.num_layers and setup.reference == "adapters"
     if reuses_reference:
         cache = g * s * h * c
         parts.append(Component("cached critic layer input", cache, ("log-prob passes", "critic"), f"{g} x {s} x {h}"))
+    return parts
 
-    if setup.critic != "none":
-        critic_layer = layer_activation_bytes(shape, c, False, r, targets, 4)  # the critic runs outside autocast
-        # every critic follows the run's checkpointing, one of its own as well as one on the shared base
-        acts = stack_activation_bytes(b * s, critic_layers, critic_layer, c, h, setup.activation_checkpointing)
-        acts += b * s * VALUE_HEAD_FEATURES * 4 * h
-        note = f"{critic_layers} layers, {critic_layer / 1024:.0f} KiB/layer/token"
-        note += f", checkpointing {setup.activation_checkpointing}"
-        parts.append(Component("critic activations", acts, ("critic",), note))
-        parts.append(Component("critic gradients", critic_trainable, ("critic",)))
 
-    policy_layer = layer_activation_bytes(shape, c, setup.autocast, r, targets, policy_adapter_bytes)
-    acts = stack_activation_bytes(b * s, shape.num_layers, policy_layer, c, h, setup.activation_checkpointing)
+def critic_components(shape: ModelShape, setup: TrainingSetup, critic_layers: int) -> list[Component]:
+    """The critic's update: its activations and gradients."""
+    if setup.critic == "none":
+        return []
+    c, h, tokens = setup.activation_bytes, shape.hidden_size, setup.per_device_train_batch_size * setup.sequence_length
+    # the critic runs outside autocast
+    critic_layer = layer_activation_bytes(shape, c, False, setup.lora_r, setup.lora_target_modules, 4)
+    # every critic follows the run's checkpointing, one of its own as well as one on the shared base
+    acts = stack_activation_bytes(tokens, critic_layers, critic_layer, c, h, setup.activation_checkpointing)
+    acts += tokens * VALUE_HEAD_FEATURES * 4 * h
+    note = f"{critic_layers} layers, {critic_layer / 1024:.0f} KiB/layer/token"
+    note += f", checkpointing {setup.activation_checkpointing}"
+    return [
+        Component("critic activations", acts, ("critic",), note),
+        Component("critic gradients", critic_trainable_size(shape, setup, critic_layers), ("critic",)),
+    ]
+
+
+def policy_update_components(shape: ModelShape, setup: TrainingSetup) -> list[Component]:
+    """The policy's update: its activations, the fused LM head's log-probability tiles and its gradients."""
+    c, h, b = setup.activation_bytes, shape.hidden_size, setup.per_device_train_batch_size
+    policy_layer = layer_activation_bytes(
+        shape, c, setup.autocast, setup.lora_r, setup.lora_target_modules, setup.policy_adapter_bytes
+    )
+    acts = stack_activation_bytes(
+        b * setup.sequence_length, shape.num_layers, policy_layer, c, h, setup.activation_checkpointing
+    )
     note = f"{policy_layer / 1024:.0f} KiB/layer/token, checkpointing {setup.activation_checkpointing}"
-    parts.append(Component("policy activations", acts, ("policy update",), note))
+    rows = scored_rows(setup, b)
     head = fused_head_bytes(rows, shape, c, setup.device, backward=True)
-    parts.append(Component("log-prob tiles", head, ("policy update",), f"fused LM head over {rows} positions"))
-    parts.append(Component("policy gradients", policy_lora, ("policy update",)))
-    return MemoryEstimate(tuple(parts), CUDA_OVERHEAD_BYTES if setup.device == "cuda" else 0)
+    return [
+        Component("policy activations", acts, ("policy update",), note),
+        Component("log-prob tiles", head, ("policy update",), f"fused LM head over {rows} positions"),
+        Component("policy gradients", policy_adapter_size(shape, setup), ("policy update",)),
+    ]
 
 
 def _base_note(quantized: bool) -> str:

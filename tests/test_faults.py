@@ -15,8 +15,8 @@ from huggingface_hub import CommitInfo, HfApi, RepoUrl
 from peft import LoraConfig
 from transformers import PreTrainedModel
 
-from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer, cli
-from hf_reinforce.scripts import data, reinforce, reward, save_and_finish
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer, cli, scripts
+from hf_reinforce.scripts import reinforce, reward, save_and_finish
 from hf_reinforce.testing import make_preference_dataset, save_tiny_models
 
 
@@ -230,7 +230,7 @@ def test_bad_data_files_are_named(tmp_path, case):
     path = write(tmp_path)
     args = reinforce.ReinforceScriptArguments(dataset_name=str(path if path.is_file() else tmp_path))
     with pytest.raises(ValueError, match=message):
-        data.load_script_dataset(args)
+        scripts.load_script_dataset(args)
 
 
 # ---- scripts: refused before any model loads ----

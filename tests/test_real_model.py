@@ -19,10 +19,12 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
 from hf_reinforce.cli import main as cli_main
-from hf_reinforce.gguf import DownloadError, make_smollm2
+from hf_reinforce.examples.real_demo import arguments, data, evaluation, judge, preferences, report
+from hf_reinforce.examples.real_demo import cli as real_demo
+from hf_reinforce.examples.real_demo.sampling import Sampling, sample_answers
+from hf_reinforce.examples.tiny import build_tiny_causal_lm, build_tiny_tokenizer
 from hf_reinforce.reward_models import RewardModelScorer
-from hf_reinforce.scripts import real_demo
-from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer
+from hf_reinforce.tools.gguf import DownloadError, make_smollm2
 
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,7 +36,7 @@ NEGATIVE = ["Terrible service and a filthy, awful room.", "It broke on day one; 
 
 
 def chat(item: str) -> list[dict]:
-    return real_demo.chat_prompt(item)
+    return data.chat_prompt(item)
 
 
 def answer(text: str) -> list[dict]:
@@ -45,10 +47,10 @@ def answer(text: str) -> list[dict]:
 
 
 def test_held_out_items_are_never_training_items():
-    train, held_out = real_demo.split_items(32, seed=0)
+    train, held_out = data.split_items(32, seed=0)
     assert len(held_out) == 32 and not set(train) & set(held_out)
-    assert set(train) | set(held_out) == set(real_demo.ITEMS)
-    assert real_demo.split_items(32, seed=1)[1] != held_out
+    assert set(train) | set(held_out) == set(data.ITEMS)
+    assert data.split_items(32, seed=1)[1] != held_out
 
 
 def test_pairs_are_conversational_with_soft_labels_from_the_gold_gap():
@@ -59,7 +61,7 @@ def test_pairs_are_conversational_with_soft_labels_from_the_gold_gap():
         {"text": "It is a bakery.", "finished": True},
         {"text": "A truly wonderful", "finished": False},  # cut off: never labelled
     ]
-    pairs = real_demo.label_pairs([prompt], [group], tau=0.2)
+    pairs = preferences.label_pairs([prompt], [group], tau=0.2)
     assert len(pairs) == 3
     for pair in pairs:
         assert pair["prompt"] == prompt and pair["chosen"][0]["role"] == "assistant"
@@ -84,27 +86,27 @@ def test_contrast_answers_join_the_training_pairs_under_the_plain_prompt(tmp_pat
         texts = next((texts for word, texts in texts_for.items() if word in request), POSITIVE)
         return [[{"text": texts[i % 2], "finished": True} for i in range(num_per_prompt)] for _ in prompts]
 
-    monkeypatch.setattr(real_demo.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: None)
-    monkeypatch.setattr(real_demo, "sample_answers", fake_sample_answers)
-    args = real_demo.RealDemoArguments(num_held_out_items=4, num_pair_prompts=3, completions_per_prompt=4)
-    real_demo.make_data("model", None, tmp_path, args, seed=0, sampling=real_demo.Sampling(0.7, 16))
+    monkeypatch.setattr(preferences.AutoModelForCausalLM, "from_pretrained", lambda *args, **kwargs: None)
+    monkeypatch.setattr(preferences, "sample_answers", fake_sample_answers)
+    args = arguments.RealDemoArguments(num_held_out_items=4, num_pair_prompts=3, completions_per_prompt=4)
+    preferences.make_data("model", None, tmp_path, args, seed=0, sampling=Sampling(0.7, 16))
 
     # train: 2 plain + 1 negative + 1 enthusiastic; held out: 4 plain
     assert [num for _, num in requests] == [2, 1, 1, 4]
     assert "negative" in requests[1][0] and "enthusiastic" in requests[2][0]
     assert not any(word in requests[3][0] for word in texts_for)
-    train = real_demo.read_jsonl(tmp_path / "preferences" / "train.jsonl")
+    train = data.read_jsonl(tmp_path / "preferences" / "train.jsonl")
     assert len(train) == 3 * 6  # every two of a prompt's four answers differ in gold
     assert all(pair["prompt"] == chat(pair["prompt"][-1]["content"][31:-1]) for pair in train)
     assert {pair["rejected"][0]["content"] for pair in train} >= {NEGATIVE[0]}
     assert {pair["chosen"][0]["content"] for pair in train} >= set(texts_for["enthusiastic"])
-    held_out = real_demo.read_jsonl(tmp_path / "preferences" / "test.jsonl")
+    held_out = data.read_jsonl(tmp_path / "preferences" / "test.jsonl")
     contrast_texts = {*NEGATIVE, *texts_for["enthusiastic"]}
     assert all(pair[side][0]["content"] not in contrast_texts for pair in held_out for side in ("chosen", "rejected"))
 
 
 def test_the_gold_reads_conversational_completions():
-    scores = real_demo.gold([answer(POSITIVE[0]), answer(NEGATIVE[0])])
+    scores = judge.gold([answer(POSITIVE[0]), answer(NEGATIVE[0])])
     assert scores[0] > 0.5 > -0.5 > scores[1]
 
 
@@ -119,7 +121,7 @@ def test_the_gold_reads_conversational_completions():
     ],
 )
 def test_an_answer_repeats_a_word_when_a_content_word_occurs_three_times(text, repeats):
-    assert real_demo.repeats_a_word(text) is repeats
+    assert judge.repeats_a_word(text) is repeats
 
 
 @torch.no_grad()
@@ -138,7 +140,7 @@ def test_sampled_answers_keep_their_log_probability_under_the_model():
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     model = build_tiny_causal_lm(tokenizer).eval()
     prompts = [chat("a tent"), chat("a sofa and a lamp")]
-    groups = real_demo.sample_answers(model, tokenizer, prompts, 3, real_demo.Sampling(0.7, 12), seed=0, desc="x")
+    groups = sample_answers(model, tokenizer, prompts, 3, Sampling(0.7, 12), seed=0, desc="x")
     answers = [(prompt, answer_) for prompt, group in zip(prompts, groups) for answer_ in group]
     assert any(a["finished"] for _, a in answers) and any(not a["finished"] for _, a in answers)
     for prompt, answer_ in answers:
@@ -161,7 +163,7 @@ def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
     assert abs(sum(expected) / 3) > 1e-3  # the adapter moved the policy
     # Batches of 2: answers of one prompt padded, then a batch of one; of 3: prompts of two lengths padded as well
     for batch_size in (2, 3):
-        kl = real_demo.mean_kl(model, tokenizer, prompts, groups, batch_size=batch_size)
+        kl = evaluation.mean_kl(model, tokenizer, prompts, groups, batch_size=batch_size)
         assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
 
 
@@ -176,9 +178,9 @@ def test_reward_model_quality_scores_each_distinct_answer_once(monkeypatch):
             scored.extend(completion[0]["content"] for completion in completions)
             return [float(len(completion[0]["content"])) for completion in completions]
 
-    monkeypatch.setattr(real_demo, "load_reward_adapter", lambda path: (None, build_tiny_tokenizer()))
-    monkeypatch.setattr(real_demo, "dequantize_for_inference", lambda model: None)
-    monkeypatch.setattr(real_demo, "RewardModelScorer", LengthScorer)
+    monkeypatch.setattr(evaluation, "load_reward_adapter", lambda path: (None, build_tiny_tokenizer()))
+    monkeypatch.setattr(evaluation, "dequantize_for_inference", lambda model: None)
+    monkeypatch.setattr(evaluation, "RewardModelScorer", LengthScorer)
     gold = {"a": 0.1, "bbb": 0.5, "cc": 0.9}
     tent, sofa = chat("a tent"), chat("a sofa")
 
@@ -193,7 +195,7 @@ def test_reward_model_quality_scores_each_distinct_answer_once(monkeypatch):
 
     # The length ranks "bbb" above "cc", as the gold does not: 2 of the 3 pairs of the tent ranked right
     pairs = [pair(tent, "bbb", "a"), pair(tent, "cc", "a"), pair(tent, "cc", "bbb"), pair(sofa, "cc", "a")]
-    quality = real_demo.reward_model_quality(Path("unused"), pairs)
+    quality = evaluation.reward_model_quality(Path("unused"), pairs)
     assert sorted(scored) == ["a", "a", "bbb", "cc", "cc"]  # 5 distinct conversations, 8 sides of pairs
     assert quality["reward_model_accuracy"] == 3 / 4 and quality["num_held_out_pairs"] == 4
     # Pearson over the 5 distinct answers: lengths (3, 1, 2, 2, 1) against gold (0.5, 0.1, 0.9, 0.9, 0.1)
@@ -222,13 +224,13 @@ def pearson(xs: list[float], ys: list[float]) -> float:
 )
 def test_bad_arguments_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
-        real_demo.RealDemoArguments(**{field: value})
+        arguments.RealDemoArguments(**{field: value})
 
 
 def test_reward_from_a_folder_without_a_finished_run_is_refused_before_any_model_loads(tmp_path, monkeypatch):
     (tmp_path / "prompts").mkdir()
     monkeypatch.setattr(real_demo, "prepare_model", lambda args: pytest.fail("the model was prepared"))
-    args = real_demo.RealDemoArguments(reward_from=str(tmp_path), output_dir=str(tmp_path / "out"))
+    args = arguments.RealDemoArguments(reward_from=str(tmp_path), output_dir=str(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"reward_from: .* has no preferences, reward folder"):
         real_demo.run(args)
 
@@ -240,15 +242,15 @@ def test_each_finished_seed_is_written_before_the_next_seed_runs(tmp_path, monke
         if seed == 1:
             raise RuntimeError("out of memory in seed 1")
         data_dir.mkdir(parents=True)
-        return {key: 0.5 for key in real_demo.SUMMARY_KEYS} | {"seed": seed, "logs": {"reward": [], "reinforce": []}}
+        return {key: 0.5 for key in report.SUMMARY_KEYS} | {"seed": seed, "logs": {"reward": [], "reinforce": []}}
 
     monkeypatch.setattr(real_demo, "prepare_model", lambda args: "model")
     monkeypatch.setattr(real_demo, "run_seed", fake_run_seed)
-    monkeypatch.setattr(real_demo, "plot_curves", lambda runs, path: path.write_text("plot"))
-    args = real_demo.RealDemoArguments(seeds=[0, 1], output_dir=str(tmp_path))
+    monkeypatch.setattr(report, "plot_curves", lambda runs, path: path.write_text("plot"))
+    args = arguments.RealDemoArguments(seeds=[0, 1], output_dir=str(tmp_path))
     with pytest.raises(RuntimeError, match="seed 1"):
         real_demo.run(args)
-    summary = json.loads((tmp_path / real_demo.SUMMARY_FILE).read_text())
+    summary = json.loads((tmp_path / report.SUMMARY_FILE).read_text())
     assert [run["seed"] for run in summary["runs"]] == [0]
     assert summary["gold_gain"]["mean"] == 0.5
     assert (tmp_path / "seed_0" / "training_logs.json").is_file()
@@ -428,10 +430,10 @@ def test_the_critic_starts_from_the_real_reward_model(smollm2, real_reward, tmp_
         scores = trainer.reward_funcs[0].scores(inputs)
     torch.testing.assert_close(values[torch.arange(len(texts)), last], scores, atol=1e-4, rtol=1e-4)
     # and the policy starts as the base model: no KL yet on its own samples
-    sampling = real_demo.Sampling(temperature=0.7, max_new_tokens=16)
-    groups = real_demo.sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, sampling, seed=0, desc="sampling")
+    sampling = Sampling(temperature=0.7, max_new_tokens=16)
+    groups = sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, sampling, seed=0, desc="sampling")
     # log pi comes from the sampling's cached decode, log pi_ref from a full forward: they round differently
-    assert real_demo.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-4)
+    assert evaluation.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 from trl import RLOOConfig, RLOOTrainer
 
-from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel, fused_lora
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel
+from hf_reinforce.speedups import fused_lora
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_models
 
 
@@ -214,20 +215,22 @@ def test_critic_regresses_the_kl_penalty_still_to_come(tmp_path, tiny_paths):
     args = config(tmp_path, beta=0.5, max_steps=2, learning_rate=1e-2)
     trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
     seen = {}
-    per_token_kl, fit = trainer._per_token_kl, trainer.critic.fit
+    rollout_of, returns_of = trainer._rollout, trainer._returns
 
-    def record_kl(*inputs):
-        seen["kl"] = per_token_kl(*inputs)
-        return seen["kl"]
+    def record_rollout(*inputs):
+        seen["rollout"] = rollout_of(*inputs)
+        return seen["rollout"]
 
-    def record_returns(input_ids, attention_mask, returns, mask):
-        seen.update(ids=input_ids, returns=returns, mask=mask)
-        return fit(input_ids, attention_mask, returns, mask)
+    def record_returns(rewards, per_token_kl, mask, local):
+        stages = returns_of(rewards, per_token_kl, mask, local)
+        seen.update(kl=per_token_kl, returns=stages[1], mask=mask)
+        return stages
 
-    trainer._per_token_kl, trainer.critic.fit = record_kl, record_returns
+    trainer._rollout, trainer._returns = record_rollout, record_returns
     trainer.train()
     kl, returns, mask = seen["kl"], seen["returns"], seen["mask"]
-    completions = trainer.processing_class.batch_decode(seen["ids"][:, -mask.size(1) :], skip_special_tokens=True)
+    ids = seen["rollout"].input_ids
+    completions = trainer.processing_class.batch_decode(ids[:, -mask.size(1) :], skip_special_tokens=True)
     rewards = torch.tensor(count_a(completions))
     kl_to_come = (kl * mask).flip(1).cumsum(1).flip(1)
     torch.testing.assert_close(returns, (rewards.unsqueeze(1) - 0.5 * kl_to_come) * mask)
@@ -489,13 +492,13 @@ def test_masked_truncated_completions_teach_neither_policy_nor_critic(tmp_path, 
         processing_class=abc_tokenizer,
     )
     seen = {}
-    fit = trainer.critic.fit
+    first_pass = trainer.critic.first_pass
 
-    def record(input_ids, attention_mask, returns, mask):
+    def record(input_ids, attention_mask, returns, mask, layer_input=None):
         seen["mask"] = mask
-        return fit(input_ids, attention_mask, returns, mask)
+        return first_pass(input_ids, attention_mask, returns, mask, layer_input)
 
-    trainer.critic.fit = record
+    trainer.critic.first_pass = record
     trainer.create_optimizer_and_scheduler(num_training_steps=1)
     trainer.model.train()
     output = trainer._generate_and_score_completions([{"prompt": p} for p in ["ab"] * 4 + ["cab"] * 4])

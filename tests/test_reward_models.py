@@ -15,6 +15,7 @@ from hf_reinforce.reward_models import (
     load_reward_adapter,
     unwrap_scorer,
 )
+from hf_reinforce.rollout import Rollout
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, make_preference_dataset
 
 
@@ -222,12 +223,18 @@ def test_missing_eos_penalty_lowers_only_cut_off_completions(tmp_path, qlora_rew
         train_dataset=Dataset.from_dict({"prompt": PROMPTS}),
     )
     eos, pad = trainer.processing_class.eos_token_id, trainer.processing_class.pad_token_id
-    output = {
-        "completion_ids": torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8], [eos, pad, pad, pad], [5, 6, 7, eos]]),
-        "completion_mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]),
-    }
-    trainer._rewards_per_func = torch.ones(4, 1)
-    torch.testing.assert_close(trainer._scored_rewards(output), torch.tensor([1.0, -1.0, 1.0, 1.0]))
+    rollout = Rollout(
+        prompt_ids=torch.ones(4, 1, dtype=torch.long),
+        prompt_mask=torch.ones(4, 1, dtype=torch.long),
+        completion_ids=torch.tensor([[5, 6, eos, pad], [5, 6, 7, 8], [eos, pad, pad, pad], [5, 6, 7, eos]]),
+        completion_mask=torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 1]]),
+        rewards_per_func=torch.ones(4, 1),
+        rollout_logps=None,
+        reference_logps=None,
+        critic_layer_input=None,
+        local=slice(0, 4),
+    )
+    torch.testing.assert_close(trainer._rewards(rollout), torch.tensor([1.0, -1.0, 1.0, 1.0]))
 
 
 def test_cpu_defaults_build_configs_and_trainers(tmp_path, full_reward):

@@ -121,14 +121,14 @@ def release_process_group(trainer) -> None:
     trainer.end()
 
 
-def prepare_run(script_args, training_args, model_args, local_paths: tuple[str, ...]):
-    """What both scripts do before any model loads: refuse a missing local path (the script arguments named in
-    `local_paths`, then the model), 4-bit weights the launched engine cannot shard and an output folder that holds an
-    earlier result; set the CPU threads and the model loading arguments. Returns the loaded dataset."""
-    for name in local_paths:
-        check_local_path(getattr(script_args, name), name)
+def prepare_run(script_args, training_args, model_args, local_paths: tuple[str, ...] = ()):
+    """What both scripts do before any model loads: refuse a missing local model folder, 4-bit weights the launched
+    engine cannot shard, a missing local path among the script arguments named in `local_paths` and an output folder
+    that holds an earlier result; set the CPU threads and the model loading arguments. Returns the loaded dataset."""
     check_local_path(model_args.model_name_or_path, "model_name_or_path")
     check_quantization_for_engine(model_args)
+    for name in local_paths:
+        check_local_path(getattr(script_args, name), name)
     check_output_dir(training_args)
     set_cpu_threads()
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)

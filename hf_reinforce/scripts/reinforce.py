@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
+from hf_reinforce.checks import check_local_path
 from hf_reinforce.engines import load_models_whole_on_every_process
 from hf_reinforce.reinforce_trainer import check_enough_prompts
 from hf_reinforce.scripts import (
@@ -60,8 +61,9 @@ def make_parser(prog: str | None = None) -> TrlParser:
 def main(script_args: ReinforceScriptArguments, training_args: ReinforceConfig, model_args: ModelConfig):
     if script_args.reward_model_name_or_path is None:
         raise ValueError("Set `reward_model_name_or_path`: REINFORCE needs a reward model to score the completions.")
-    paths = ("reward_model_name_or_path", "value_model_name_or_path", "dataset_name")
-    dataset = prepare_run(script_args, training_args, model_args, local_paths=paths)
+    for name in ("reward_model_name_or_path", "value_model_name_or_path", "dataset_name"):
+        check_local_path(getattr(script_args, name), name)
+    dataset = prepare_run(script_args, training_args, model_args)
     load_models_whole_on_every_process()
     check_enough_prompts(dataset[script_args.dataset_train_split], training_args)  # before any model loads
     trainer = ReinforceTrainer(

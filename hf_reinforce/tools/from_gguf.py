@@ -11,20 +11,12 @@ import argparse
 from hf_reinforce.tools.gguf import convert_gguf, run_command
 
 
-def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("gguf_file", help="The .gguf file of a llama-family model.")
-    parser.add_argument("--output_dir", required=True, help="Folder to write the model and its tokenizer to.")
-    return parser
-
-
 def main() -> None:
     # Called by `hf-reinforce from-gguf`, which leaves the command's flags in sys.argv
-    args = make_parser().parse_args()
-    output = run_command("from-gguf", convert_gguf, args.gguf_file, args.output_dir)
-    print(f"Converted model written to {output}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("gguf_path", metavar="gguf_file", help="The .gguf file of a llama-family model.")
+    parser.add_argument("--output_dir", required=True, help="Folder to write the model and its tokenizer to.")
+    run_command("from-gguf", parser, convert_gguf, done="Converted model written to {output}")
 
 
 if __name__ == "__main__":

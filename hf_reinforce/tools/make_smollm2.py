@@ -19,18 +19,12 @@ CACHE_DIR_HELP = (
 )
 
 
-def make_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=HelpFormatter)
-    parser.add_argument("--output_dir", default=DEFAULT_SMOLLM2_DIR, help="Folder to write the model to.")
-    parser.add_argument("--cache_dir", default=None, help=CACHE_DIR_HELP)
-    return parser
-
-
 def main() -> None:
     # Called by `hf-reinforce make-smollm2`, which leaves the command's flags in sys.argv
-    args = make_parser().parse_args()
-    output = run_command("make-smollm2", make_smollm2, args.output_dir, args.cache_dir)
-    print(f"SmolLM2-135M-Instruct is in {output}")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    parser.add_argument("--output_dir", default=DEFAULT_SMOLLM2_DIR, help="Folder to write the model to.")
+    parser.add_argument("--cache_dir", default=None, help=CACHE_DIR_HELP)
+    run_command("make-smollm2", parser, make_smollm2, done="SmolLM2-135M-Instruct is in {output}")
 
 
 if __name__ == "__main__":

@@ -34,11 +34,12 @@ What is approximate, and in which direction:
 import dataclasses
 import json
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from safetensors import safe_open
+
+from ..placement import critic_layer_indices, layer_of
 
 
 GiB = 2**30
@@ -500,9 +501,7 @@ def critic_layer_count(shape: ModelShape, setup: TrainingSetup) -> int:
     layers = shape.num_layers
     if setup.critic != "shared" or setup.reward_model == "shared":
         return layers
-    if setup.critic_layers is None:
-        return max(1, layers // 4)
-    return setup.critic_layers if 0 < setup.critic_layers < layers else layers
+    return len(critic_layer_indices(layers, setup.critic_layers))
 
 
 def estimate(shape: ModelShape, setup: TrainingSetup) -> MemoryEstimate:
@@ -726,5 +725,4 @@ def adapted_layers(adapter_weights: Path) -> list[int]:
     if not adapter_weights.is_file():
         return []
     with safe_open(str(adapter_weights), framework="pt") as weights:
-        matches = (re.search(r"(?:^|\.)layers\.(\d+)\.", key) for key in weights.keys())
-        return sorted({int(match.group(1)) for match in matches if match})
+        return sorted({layer for layer in map(layer_of, weights.keys()) if layer is not None})

@@ -1,4 +1,4 @@
-"""The real demo's prompts and items, how they are split, and the JSON-lines files its datasets are written as."""
+"""The real demo's prompts and items, how they are split, its recipes, and the JSON-lines files of its datasets."""
 
 import json
 import random
@@ -34,6 +34,10 @@ ITEMS = (
 ).split(", ")
 DATA_DIRS = ("preferences", "prompts")
 REWARD_DIR, POLICY_DIR = "reward", "reinforce"
+# The trainers' settings: copies of recipes/smollm2-135m/{reward,reinforce}/config_qlora.yaml, shipped with the package
+# (a test keeps them equal to the repository's files).
+RECIPES = Path(__file__).resolve().parent / "recipes"
+REWARD_RECIPE, REINFORCE_RECIPE = RECIPES / "reward.yaml", RECIPES / "reinforce.yaml"
 
 
 def chat_prompt(item: str, template: str = PROMPT) -> list[dict]:

@@ -7,7 +7,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_reinforce.examples.real_demo.arguments import QUICK_MAX_COMPLETION_LENGTH
-from hf_reinforce.examples.real_demo.training import REINFORCE_RECIPE, recipe_args
+from hf_reinforce.examples.real_demo.data import REINFORCE_RECIPE
+from hf_reinforce.examples.real_demo.training import recipe_args
 from hf_reinforce.scripts import reinforce as reinforce_script
 from hf_reinforce.speedups.sampling import InverseCdfSampler
 

@@ -8,17 +8,11 @@ from trl import get_peft_config, get_quantization_config
 from hf_reinforce import ReinforceTrainer, RewardTrainer
 from hf_reinforce.examples.demo import with_metrics_on_progress_bar
 from hf_reinforce.examples.real_demo.arguments import QUICK_MAX_COMPLETION_LENGTH, RealDemoArguments
-from hf_reinforce.examples.real_demo.data import REWARD_DIR, read_jsonl
+from hf_reinforce.examples.real_demo.data import REINFORCE_RECIPE, REWARD_DIR, REWARD_RECIPE, read_jsonl
 from hf_reinforce.examples.real_demo.judge import gold
 from hf_reinforce.scripts import model_init_kwargs
 from hf_reinforce.scripts import reinforce as reinforce_script
 from hf_reinforce.scripts import reward as reward_script
-
-
-# Copies of recipes/smollm2-135m/{reward,reinforce}/config_qlora.yaml, shipped with the package (a test keeps them
-# equal to the repository's).
-RECIPES = Path(__file__).resolve().parent / "recipes"
-REWARD_RECIPE, REINFORCE_RECIPE = RECIPES / "reward.yaml", RECIPES / "reinforce.yaml"
 
 
 def recipe_args(script, recipe: Path, overrides: list[str]):

@@ -209,8 +209,8 @@ def prepare_base_model(directory: Path) -> tuple[list[str], list[str]]:
     import torch
 
     torch.set_num_threads(1)
-    from hf_reinforce.scripts.demo import pretrain_language_model, split_prompts
-    from hf_reinforce.testing import build_tiny_tokenizer
+    from hf_reinforce.examples.demo import pretrain_language_model, split_prompts
+    from hf_reinforce.examples.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()
     if not (directory / "config.json").exists():
@@ -355,7 +355,7 @@ def toy_gradient_variance(num_samples: int = 1600, critic_steps: int = 200) -> d
 
     from hf_reinforce import ReinforceConfig, ReinforceTrainer
     from hf_reinforce.advantages import critic_baseline, sequence_baseline, token_advantages
-    from hf_reinforce.testing import EnumerableToy, per_sample_gradients
+    from hf_reinforce.examples.tiny import EnumerableToy, per_sample_gradients
 
     transformers.logging.set_verbosity_error()
     toy = EnumerableToy()

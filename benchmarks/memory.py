@@ -67,15 +67,16 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from trl import RLOOConfig, RLOOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
-from hf_reinforce import ReinforceConfig, ReinforceTrainer, memory
+from hf_reinforce import ReinforceConfig, ReinforceTrainer
 from hf_reinforce.critic import Critic
-from hf_reinforce.testing import (
+from hf_reinforce.examples.tiny import (
     CHARACTERS,
     SPECIAL_TOKENS,
     build_tiny_causal_lm,
     build_tiny_reward_model,
     build_tiny_tokenizer,
 )
+from hf_reinforce.tools import memory
 
 
 MiB = 2**20

@@ -145,7 +145,7 @@ class ModelCardMixin:
                 ("gamma", args.gamma),
                 ("max_completion_length", args.max_completion_length),
                 ("temperature", args.temperature),
-                ("whiten_advantages", args.whiten_advantages),
+                ("normalize_advantages", args.normalize_advantages),
             ]
             if self.value_model is not None:
                 settings += [

@@ -92,18 +92,11 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
                 args.device,
                 sharing,
             )
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
+        tokenizers = {"processing_class": processing_class, "reward_processing_classes": reward_processing_classes}
+        loading = {"quantization_config": quantization_config, "peft_config": peft_config}
         super().__init__(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            reward_processing_classes=reward_processing_classes,
-            callbacks=callbacks,
-            optimizers=optimizers,
-            quantization_config=quantization_config,
-            peft_config=peft_config,
+            model, reward_funcs, args, callbacks=callbacks, optimizers=optimizers, **datasets, **tokenizers, **loading
         )
         policy = self.accelerator.unwrap_model(self.model)
         self.reward_funcs = [as_scorer(self, index, func, policy) for index, func in enumerate(self.reward_funcs)]

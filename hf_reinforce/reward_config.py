@@ -27,13 +27,12 @@ class RewardConfig(TRLRewardConfig):
             gradients to float rounding, for that share of the tokens less compute. For decoder models in one
             process, and only with `activation_checkpointing=False` (which TRL's reward default turns on).
 
-        > Parameters that control the training scripts
+        > Parameters that control the training scripts (`hf-reinforce reward`)
 
         resume_from_checkpoint (`str`, *optional*):
-            A checkpoint folder, `true` for the newest complete checkpoint in `output_dir` (an error when there is
-            none), or `auto` for the same or a fresh start. A checkpoint cut off while being written is never resumed.
+            As in [`ReinforceConfig`]: a checkpoint folder, `true` (the newest complete one in `output_dir`) or `auto`.
         overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Let the training scripts replace a saved model in `output_dir`; without it they refuse such a folder.
+            As in [`ReinforceConfig`]: replace a saved model in `output_dir` instead of refusing the folder.
 
     > [!NOTE]
     > These parameters have default values different from [`trl.RewardConfig`]:

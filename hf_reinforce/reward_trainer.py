@@ -29,6 +29,7 @@ from trl.trainer.utils import get_config_model_id
 
 from .checkpoints import ResumableMixin, checkpoint_model_kind
 from .checks import check_local_path
+from .engines import EngineMixin
 from .losses import bradley_terry_loss
 from .model_card import ModelCardMixin
 from .reward_config import RewardConfig
@@ -162,7 +163,7 @@ def check_preference_datasets(train_dataset, eval_dataset) -> tuple:
     return train_dataset, eval_dataset
 
 
-class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
+class RewardTrainer(ResumableMixin, EngineMixin, ModelCardMixin, TRLRewardTrainer):
     """Drop-in [`trl.RewardTrainer`] training on soft preference labels, with QLoRA that also runs on CPU.
 
     Same arguments as TRL's trainer. Rows may carry `chosen_prob` (probability that annotators prefer `chosen`,
@@ -205,20 +206,19 @@ class RewardTrainer(ResumableMixin, ModelCardMixin, TRLRewardTrainer):
                 "`shared_prefix_forward` runs in one process: with several (DDP, DeepSpeed, FSDP) each forward of "
                 "the wrapped model would be taken for a step. Set `shared_prefix_forward: false`."
             )
+        datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset, "data_collator": data_collator}
+        metrics = {"compute_metrics": compute_metrics, "preprocess_logits_for_metrics": preprocess_logits_for_metrics}
+        optimization = {"optimizers": optimizers, "optimizer_cls_and_kwargs": optimizer_cls_and_kwargs}
+        loading = {"quantization_config": quantization_config, "peft_config": with_reward_head_saved(peft_config)}
         super().__init__(
-            model=model,
-            args=args,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
+            model,
+            args,
             processing_class=processing_class,
-            compute_metrics=compute_metrics,
             callbacks=callbacks,
-            optimizers=optimizers,
-            optimizer_cls_and_kwargs=optimizer_cls_and_kwargs,
-            preprocess_logits_for_metrics=preprocess_logits_for_metrics,
-            quantization_config=quantization_config,
-            peft_config=with_reward_head_saved(peft_config),
+            **datasets,
+            **metrics,
+            **optimization,
+            **loading,
         )
         if data_collator is None:
             self.data_collator = DataCollatorForSoftPreference(

@@ -14,7 +14,6 @@ Flags given with --config override the recipe's values, e.g. --learning_rate 5e-
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from hf_reinforce import RewardConfig, RewardTrainer
-from hf_reinforce.engines import engage_fsdp_on_cpu
 from hf_reinforce.scripts import make_script_parser, prepare_run, run_script, save_and_finish, train, trainer_inputs
 
 
@@ -31,7 +30,6 @@ def main(script_args: ScriptArguments, training_args: RewardConfig, model_args: 
         )
     dataset = prepare_run(script_args, training_args, model_args, local_paths=("dataset_name",))
     trainer = RewardTrainer(**trainer_inputs(dataset, script_args, training_args, model_args))
-    engage_fsdp_on_cpu(trainer)
     train(trainer, training_args)
     save_and_finish(trainer, training_args, script_args.dataset_name, saved_what="Reward model")
 

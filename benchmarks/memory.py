@@ -103,7 +103,7 @@ PHASE_METHODS = {
     "generation": (RLOOTrainer, "_generate"),
     "rewards": (RLOOTrainer, "_calculate_rewards"),
     "log-prob passes": (RLOOTrainer, "_get_per_token_logps_and_entropies"),
-    "critic": (Critic, "fit"),
+    "critic": (Critic, "first_pass"),  # its forward and backward; `update` only steps the optimizer
     "policy update": (RLOOTrainer, "training_step"),
 }
 

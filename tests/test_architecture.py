@@ -33,7 +33,9 @@ def private_overrides(trainer_class) -> set[str]:
     """Private (not dunder) methods defined by our classes in the MRO that a TRL or transformers trainer also has."""
     ours = [cls for cls in trainer_class.__mro__ if cls.__module__.startswith("hf_reinforce")]
     theirs = [
-        cls for cls in trainer_class.__mro__ if cls.__module__.startswith(("trl.", "transformers.")) and cls is not object
+        cls
+        for cls in trainer_class.__mro__
+        if cls.__module__.startswith(("trl.", "transformers.")) and cls is not object
     ]
     names = {name for cls in ours for name, value in vars(cls).items() if inspect.isfunction(value)}
     private = {name for name in names if name.startswith("_") and not name.startswith("__")}

@@ -1,11 +1,11 @@
 """Peak memory and step time of the trainer layouts, measured one configuration per fresh process, next to the
-estimate of `hf_reinforce.memory`.
+estimate of `hf_reinforce.tools.memory`.
 
     python benchmarks/memory.py --sizes tiny --steps 2 --repeats 1 --threads 1   # a check of the harness, 90 s
     python benchmarks/memory.py --sizes 50M 200M 800M --output_dir outputs/memory # the comparison
     python benchmarks/memory.py --model_path path/to/SmolLM2-135M-Instruct       # a local model instead of sizes
 
-Layouts (`hf_reinforce.memory.LAYOUTS`), all with the same batch, prompt and completion lengths, LoRA (r, alpha 2r)
+Layouts (`hf_reinforce.tools.memory.LAYOUTS`), all with the same batch, prompt and completion lengths, LoRA (r, alpha 2r)
 on every decoder Linear, beta 0.05, and generation forced to full length (`min_new_tokens`). The reward model is
 always what the trainer makes of a reward recipe's output: a LoRA adapter, unmerged, on a base quantized as the
 policy's.
@@ -426,7 +426,7 @@ def held_bytes(trainer) -> dict[str, int]:
 
 
 def estimated(spec: dict, device: str) -> dict:
-    """The estimate of hf_reinforce.memory for this configuration, in MB, grouped as the measurements are."""
+    """The estimate of hf_reinforce.tools.memory for this configuration, in MB, grouped as the measurements are."""
     shape = memory.shape_from_config(Path(spec["paths"]["policy"]) / "config.json")
     # a reward model on the policy's own weights hands its adapter (on every layer) to a shared critic
     warm_start = spec["paths"]["reward_model"] == spec["paths"]["policy"]

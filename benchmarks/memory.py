@@ -5,10 +5,10 @@ estimate of `hf_reinforce.tools.memory`.
     python benchmarks/memory.py --sizes 50M 200M 800M --output_dir outputs/memory # the comparison
     python benchmarks/memory.py --model_path path/to/SmolLM2-135M-Instruct       # a local model instead of sizes
 
-Layouts (`hf_reinforce.tools.memory.LAYOUTS`), all with the same batch, prompt and completion lengths, LoRA (r, alpha 2r)
-on every decoder Linear, beta 0.05, and generation forced to full length (`min_new_tokens`). The reward model is
-always what the trainer makes of a reward recipe's output: a LoRA adapter, unmerged, on a base quantized as the
-policy's.
+Layouts (`hf_reinforce.tools.memory.LAYOUTS`), all with the same batch, prompt and completion lengths, LoRA
+(r, alpha 2r) on every decoder Linear, beta 0.05, and generation forced to full length (`min_new_tokens`). The reward
+model is always what the trainer makes of a reward recipe's output: a LoRA adapter, unmerged, on a base quantized as
+the policy's.
 
 * rloo: `trl.RLOOTrainer`, policy LoRA on a 4-bit base, the reference its base with adapters disabled, a separate
   4-bit reward model (scored over the whole generation batch in one forward).

@@ -8,7 +8,10 @@ complete checkpoint, "auto" the same or a fresh start.
 import json
 from pathlib import Path
 
+from peft import PeftModel, get_peft_model_state_dict
 from safetensors import safe_open
+
+from .critic import CRITIC_STATE
 
 
 TRAINER_STATE = "trainer_state.json"
@@ -184,10 +187,6 @@ def check_same_tensors(checkpoint: Path, file_name: str, expected: dict, what: s
 def check_reinforce_checkpoint(trainer, checkpoint: Path) -> None:
     """Refuse a checkpoint a REINFORCE run cannot resume from: a reward model's, or one whose policy adapter or critic
     does not fit this run's (where no engine shards the parameters whose shapes it compares)."""
-    from peft import PeftModel, get_peft_model_state_dict
-
-    from .critic import CRITIC_STATE
-
     if checkpoint_model_kind(checkpoint) == "reward":
         raise ValueError(
             f"{checkpoint} is a checkpoint of a reward model (RewardTrainer); resume a REINFORCE run from one of "

@@ -497,11 +497,11 @@ def _critic_adapter_on_policy(policy: PeftModel, reward_source, args, device) ->
 def lowest_adapted_layer(model: torch.nn.Module, adapter_name: str) -> int:
     """The index of the lowest decoder layer (a `layers.<i>` module) holding LoRA weights of `adapter_name`, however
     the adapter chose its modules (`layers_to_transform`, a regular expression, a list of names); 0 when none is."""
-    layers = [
-        layer_of(name)
-        for name, module in model.named_modules()
-        if isinstance(module, LoraLayer) and adapter_name in module.lora_A and layer_of(name) is not None
-    ]
+    layers = []
+    for name, module in model.named_modules():
+        layer = layer_of(name)
+        if isinstance(module, LoraLayer) and adapter_name in module.lora_A and layer is not None:
+            layers.append(layer)
     return min(layers, default=0)
 
 

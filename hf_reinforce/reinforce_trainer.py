@@ -1,8 +1,9 @@
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from accelerate.utils import gather, pad_across_processes
+from accelerate.utils import gather
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import TrainerCallback
@@ -137,19 +138,18 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         rollout = self._rollout(inputs, mode)  # ids, masks, rewards per function, log-probabilities
 
         rewards = self._rewards(rollout)  # (global B,): R, NaN where unscorable
-        mask = rollout.completion_mask * rewards[rollout.local].isfinite().unsqueeze(
-            1
-        )  # (B, C): unscorable teach nothing
+        scorable = rewards[rollout.local].isfinite().unsqueeze(1)  # (B, 1): an unscorable completion teaches nothing
+        mask = rollout.completion_mask * scorable  # (B, C)
         per_token_kl = rollout.per_token_kl()  # (B, C)
         per_token_rewards, returns, sequence_returns = self._returns(rewards, per_token_kl, mask, rollout.local)
         self._metrics[mode]["objective/rlhf_reward"].append(torch.nanmean(sequence_returns).item())
 
-        critic_batch, values = None, None
+        critic_batch, batch_values = None, None
         if self.critic is not None:  # V(s_t): taken before the critic learns from this batch
-            critic_batch, values = self._values(rollout, returns, mask, mode)
-        baselines = self._baselines(values, returns, mask, sequence_returns, rollout.local, group_size, mode)
+            critic_batch, batch_values = self._values(rollout, returns, mask, group_size, mode)
+        baselines = self._baselines(batch_values, returns, mask, sequence_returns, rollout.local, group_size, mode)
         if critic_batch is not None:  # the critic learns from this batch only once its baselines are taken
-            self._update_critic(critic_batch, returns, mask, group_size)
+            self._update_critic(critic_batch, batch_values)
 
         if baselines is None:  # RLOO evaluated with one completion per prompt: nothing to compare with
             advantages = torch.zeros_like(mask, dtype=torch.float32)
@@ -160,7 +160,7 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         if self.args.normalize_advantages:
             advantages = whiten(advantages, mask)
 
-        self._log_step(rollout, per_token_kl, advantages, mask, mode)
+        self._log_step(rollout, rewards, per_token_kl, advantages, mask, mode)
         batch = {
             "prompt_ids": rollout.prompt_ids,
             "prompt_mask": rollout.prompt_mask,
@@ -195,26 +195,29 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         sequence_returns = gather(returns[:, 0].contiguous()).masked_fill(~rewards.isfinite(), torch.nan)
         return per_token_rewards, returns, sequence_returns
 
-    def _values(self, rollout: Rollout, returns, mask, mode):
-        """V(s_t) (B, C) before the critic learns from this batch. In training also the critic's record of the batch,
-        whose first pass computed them (its gradients wait for `_update_critic`)."""
+    def _values(self, rollout: Rollout, returns, mask, group_size: int, mode):
+        """V(s_t) before the critic learns from this batch, with the returns and mask, gathered from every process
+        (the others of a completion may sit on other processes). In training also the critic's record of the batch,
+        whose first pass computed the values (its gradients wait for `_update_critic`)."""
         input_ids, attention_mask, layer_input = rollout.input_ids, rollout.attention_mask, rollout.critic_layer_input
-        if mode != "train":
-            return None, self.critic.values(input_ids, attention_mask, returns.size(1), layer_input)
-        critic_batch = self.critic.first_pass(input_ids, attention_mask, returns, mask, layer_input)
-        return critic_batch, critic_batch.values
+        if mode == "train":
+            critic_batch = self.critic.first_pass(input_ids, attention_mask, returns, mask, layer_input)
+            values = critic_batch.values
+        else:
+            critic_batch, values = None, self.critic.values(input_ids, attention_mask, returns.size(1), layer_input)
+        gathered = [self._gather_rows(tensor) for tensor in (values, returns, mask)]
+        group = group_size if group_size > 1 else len(gathered[0])  # one completion per prompt: the rest of the batch
+        return critic_batch, BatchValues(values, *gathered, group)
 
-    def _baselines(self, values, returns, mask, sequence_returns, local, group_size, mode):
+    def _baselines(self, batch_values, returns, mask, sequence_returns, local, group_size, mode):
         """b_t (B, C) from the critic, or b per sequence (B,) of the critic-free baselines; None for RLOO evaluated
         with one completion per prompt."""
         if self.critic is None:
             if self.args.baseline == "rloo" and group_size < 2:
                 return None
             return sequence_baseline(sequence_returns, self.args.baseline, group_size)[local].nan_to_num(0.0)
-        # The others of a completion may sit on other processes: the baselines are computed on the global batch
-        all_values, all_returns, all_mask = (self._gather_rows(tensor) for tensor in (values, returns, mask))
+        values, all_values, all_returns, all_mask, group = batch_values
         warming_up = mode == "train" and self.state.global_step < self.args.critic_warmup_steps
-        group = group_size if group_size > 1 else len(all_values)  # one completion per prompt: the rest of the batch
         baselines = self.critic.baselines(all_values, all_returns, all_mask, group, warming_up)
         baselines = baselines[self._local_rows(len(values)), : values.size(1)].nan_to_num(0.0)
         metrics = self._metrics[mode]
@@ -226,31 +229,22 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         metrics["critic/weight"].append(self.critic.weight(warming_up))
         return baselines
 
-    def _update_critic(self, critic_batch, returns, mask, group_size) -> None:
+    def _update_critic(self, critic_batch, batch_values) -> None:
         """The critic's optimizer steps on this batch, and the batch joins the fit of w for later batches."""
         update = self.critic.update(critic_batch)
-        all_values, all_returns, all_mask = (self._gather_rows(t) for t in (critic_batch.values, returns, mask))
-        self.critic.observe(all_values, all_returns, all_mask, group_size if group_size > 1 else len(all_values))
+        self.critic.observe(
+            batch_values.all_values, batch_values.all_returns, batch_values.all_mask, batch_values.group
+        )
         self._metrics["train"]["critic/value_loss"].append(update.value_loss)
         self._metrics["train"]["critic/num_skipped_updates"].append(update.num_skipped_updates)
 
-    def _local_rows(self, num_rows: int) -> slice:
-        return slice(self.accelerator.process_index * num_rows, (self.accelerator.process_index + 1) * num_rows)
-
-    def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        """(B, C) rows of every process, padded with zeros to the longest completion, in process order."""
-        if self.accelerator.num_processes == 1:
-            return tensor
-        return gather(pad_across_processes(tensor.contiguous(), dim=1, pad_index=0))
-
-    def _log_step(self, rollout: Rollout, per_token_kl, advantages, mask, mode: str) -> None:
+    def _log_step(self, rollout: Rollout, rewards, per_token_kl, advantages, mask, mode: str) -> None:
         metrics = self._metrics[mode]
         if rollout.reference_logps is not None:
             completion_mask = rollout.completion_mask
             kl_stats = self.accelerator.reduce(torch.stack([per_token_kl.sum(), completion_mask.sum().float()]), "sum")
             metrics["kl"].append((kl_stats[0] / kl_stats[1].clamp(min=1.0)).item())
-        scorable = sequence_rewards(rollout.rewards_per_func, self.reward_weights).isfinite()
-        metrics["rewards/num_nonfinite"].append((~scorable).sum().item())
+        metrics["rewards/num_nonfinite"].append((~rewards.isfinite()).sum().item())
         metrics["advantages/mean"].append(masked_mean(advantages, mask).item())
         metrics["advantages/std"].append(masked_var(advantages, mask).sqrt().item())
         first_token_advantages = self._gather_rows(advantages[:, :1]).squeeze(1)  # one per completion, for the table
@@ -328,6 +322,16 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
             return
         weights = load_file(Path(resume_from_checkpoint) / ADAPTER_WEIGHTS)
         set_peft_model_state_dict(policy, weights, adapter_name="default")
+
+
+class BatchValues(NamedTuple):
+    """The critic's values of a batch, before it learns from it: this process's rows, and every process's."""
+
+    values: torch.Tensor  # (B, C): V(s_t)
+    all_values: torch.Tensor  # (global B, C), padded to the longest completion
+    all_returns: torch.Tensor  # (global B, C)
+    all_mask: torch.Tensor  # (global B, C)
+    group: int  # the completions each completion is compared with: its prompt's, or the whole batch
 
 
 def reinforce_config(model, args: ReinforceConfig | None) -> ReinforceConfig:

@@ -25,6 +25,7 @@ from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_mode
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
+from .engines import engine_shards_base
 from .speedups.quantization import keep_4bit_layers_differentiable
 
 
@@ -378,8 +379,6 @@ def as_scorer(trainer, index: int, reward_func, policy):
     """Reward function `index` of a `ReinforceTrainer` as it scores: a reward model scores texts as `RewardTrainer`
     trained it on them, never a cut-off completion as if it had ended, and a reward adapter trained on the policy's
     base joins it there rather than holding a second copy of the base. Other reward functions are left as they are."""
-    from .engines import engine_shards_base
-
     settings = {
         "eos_token_ids": trainer.eos_token_ids,
         "name": trainer.reward_func_names[index],

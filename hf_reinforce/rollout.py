@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather, gather_object, pad_across_processes
 from transformers import GenerationConfig, LogitsProcessorList
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import nanstd, pad, use_adapter
@@ -99,9 +99,7 @@ class RolloutMixin:
         rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # (global B, F)
         reference_logps, layer_input = self._reference_pass(input_ids, attention_mask, completion_ids_t.size(1))
         self._log_rollout(prompts, completions, rewards_per_func, mode)
-        rows = slice(
-            self.accelerator.process_index * len(prompts), (self.accelerator.process_index + 1) * len(prompts)
-        )
+        rows = self._local_rows(len(prompts))
         return Rollout(
             prompt_ids_t,
             prompt_mask,
@@ -160,7 +158,7 @@ class RolloutMixin:
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             return self._get_per_token_logps_and_entropies(
-                self.model, input_ids, attention_mask, completion_length, batch_size, num_images=None, num_tiles=None
+                self.model, input_ids, attention_mask, completion_length, batch_size
             )[0]
 
     @torch.no_grad()
@@ -189,6 +187,16 @@ class RolloutMixin:
             )[0]
         layer_input = torch.cat(layer_inputs) if layer_inputs else None
         return logps, layer_input if layer_input is not None and len(layer_input) == len(input_ids) else None
+
+    def _local_rows(self, num_rows: int) -> slice:
+        """This process's rows of a batch gathered from every process."""
+        return slice(self.accelerator.process_index * num_rows, (self.accelerator.process_index + 1) * num_rows)
+
+    def _gather_rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """(B, C) rows of every process, padded with zeros to the longest completion, in process order."""
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return gather(pad_across_processes(tensor.contiguous(), dim=1, pad_index=0))
 
     def _log_rollout(self, prompts, completions, rewards_per_func, mode: str) -> None:
         """The reward metrics and completion logs `trl.RLOOTrainer` records for a batch of rollouts."""

@@ -14,7 +14,9 @@ expected gradient unchanged while it can shrink its variance.
 import torch
 
 
-BASELINES = ("critic", "rloo", "mean", "none")
+BASELINES = ("critic", "otb", "rloo", "mean", "none")
+# Bounds of the weight w of the critic in `critic_baseline`; above 1 corrects a critic that moves too little.
+MAX_CRITIC_WEIGHT = 2.0
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
@@ -138,6 +140,31 @@ def critic_baseline(
     return weight * values + leave_one_out_mean(residuals, group_size)
 
 
+def optimal_token_baseline(
+    returns: torch.Tensor,
+    token_logps: torch.Tensor,
+    sum_squared_probs: torch.Tensor,
+    mask: torch.Tensor,
+    group_size: int,
+) -> torch.Tensor:
+    """The optimal token baseline (OTB, arXiv 2602.07078), critic-free, from the sampling pass alone:
+    b_t^i = Σ_{j≠i} G_t^j·W_t^j / Σ_{j≠i} W_t^j with W_t = Σ_{k≤t} (1 − 2·π(a_k|s_k) + Σ_a π(a|s_k)²).
+
+    W_t is ‖∇_logits log π(a_k|s_k)‖² summed over the tokens so far: how much gradient a completion carries up to t,
+    so a completion whose tokens were near-certain weighs little. The others are the `group_size` consecutive
+    completions of one prompt (the whole batch when each prompt is sampled once); completion i is left out of its
+    own baseline, which keeps it unbiased (the paper's sum runs over the whole group). A completion shorter than t
+    stands in with its last token's G and W. Probabilities are those of the sampling distribution (its temperature).
+    """
+    # returns, token_logps, sum_squared_probs, mask: (batch, completion_len)   -> (batch, completion_len)
+    gradient_norms = (1 - 2 * token_logps.exp() + sum_squared_probs) * mask  # (B, C): ‖e_a − π‖² per token
+    weights = carry_forward(gradient_norms.cumsum(dim=1), mask)  # (B, C): W_t
+    weighted_returns = carry_forward(returns, mask) * weights  # (B, C)
+    others_weighted = leave_one_out_mean(weighted_returns, group_size)  # the 1/(n−1) factors cancel in the ratio
+    others_weights = leave_one_out_mean(weights, group_size)
+    return others_weighted / others_weights.clamp(min=1e-12)
+
+
 def recentred(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int):
     """x = V(s_t) − others' mean V(s_t) and y = G_t − others' mean G_t, with the mask of tokens where both exist:
     what `critic_baseline` asks of the critic is to predict y by x."""
@@ -160,14 +187,26 @@ def critic_weight_sums(
 
 
 def recentred_explained_variance(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int, where: torch.Tensor | None = None
 ) -> torch.Tensor:
     """1 − Σ(y − x)² / Σ y² with x, y of `recentred`: the share of the returns' deviations from the other
     completions' that the critic's deviations predict. 0 for a constant critic; unlike `explained_variance`, blind to
-    errors that every completion shares at a step, which the recentred baseline cancels."""
+    errors that every completion shares at a step, which the recentred baseline cancels. `where` (B, C) restricts the
+    sums to some tokens (the others still count as the others' mean)."""
     x, y, usable = recentred(values, returns, mask, group_size)
+    if where is not None:
+        usable = usable * where
     x, y = x.nan_to_num(0.0) * usable, y.nan_to_num(0.0) * usable
     return 1 - (y - x).square().sum() / y.square().sum().clamp(min=1e-12)
+
+
+def position_thirds(mask: torch.Tensor) -> torch.Tensor:
+    """Which third of its completion each token lies in: 0 (first), 1 (middle) or 2 (last); −1 on padding. A token
+    at position t of a completion of L tokens lies in third ⌊3t/L⌋."""
+    # mask: (batch, completion_len)   -> (batch, completion_len), long
+    lengths = mask.sum(dim=1, keepdim=True).clamp(min=1)  # (B, 1)
+    positions = torch.arange(mask.size(1), device=mask.device).unsqueeze(0)  # (1, C)
+    return torch.where(mask.bool(), torch.div(3 * positions, lengths, rounding_mode="floor"), -1)
 
 
 def regression_sums(targets: torch.Tensor, predictors: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -215,3 +254,29 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     if returns_var == 0:
         return torch.full_like(returns_var, torch.nan)
     return 1 - masked_var(returns - values, mask) / returns_var
+
+
+POSITIONS = ("first", "middle", "last")
+
+
+def value_diagnostics(
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int
+) -> dict[str, float]:
+    """What the values know of the returns, taken before the critic learns from them: the explained variance, raw
+    and recentred (`recentred_explained_variance`), over all tokens and per third of the answers (`position_thirds`),
+    and the variances of the returns and of their residuals, whose sums over steps give a pooled explained variance."""
+    # values, returns, mask: (batch, completion_len)
+    thirds = position_thirds(mask)
+    diagnostics = {
+        "explained_variance": explained_variance(values, returns, mask),
+        "recentred_explained_variance": recentred_explained_variance(values, returns, mask, group_size),
+        "returns_variance": masked_var(returns, mask),
+        "residual_variance": masked_var(returns - values, mask),
+    }
+    for index, position in enumerate(POSITIONS):
+        where = mask * (thirds == index)
+        diagnostics[f"explained_variance_{position}"] = explained_variance(values, returns, where)
+        diagnostics[f"recentred_explained_variance_{position}"] = recentred_explained_variance(
+            values, returns, mask, group_size, where
+        )
+    return {name: value.item() for name, value in diagnostics.items()}

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForSequenceClassification, PreTrainedModel, get_scheduler
 from transformers.utils import logging
 
-from .advantages import critic_baseline, critic_weight_sums
+from .advantages import MAX_CRITIC_WEIGHT, critic_baseline, critic_weight_sums
 from .engines import engine_shards_base, launched_engine, outside_zero3_init
 from .losses import value_loss
 from .placement import (
@@ -44,8 +44,6 @@ CRITIC_OPTIMIZER = "critic_optimizer.pt"
 CRITIC_SCHEDULER = "critic_scheduler.pt"
 # Running statistics forget a batch's weight by this factor per batch: about the last ten batches count.
 STATISTICS_DECAY = 0.9
-# Bounds of the weights of the critic's terms in the baseline; above 1 corrects a critic that moves too little.
-MAX_CRITIC_WEIGHT = 2.0
 MIN_RETURN_STD = 1e-6
 
 
@@ -282,8 +280,11 @@ class Critic:
 
     # ---- baselines ----
     def weight(self, warming_up: bool = False) -> float:
-        """w of `advantages.critic_baseline`: the least-squares slope fitted on earlier batches only (0 at first)."""
-        return 0.0 if warming_up else slope(self.weight_fit)
+        """w of `advantages.critic_baseline`: `critic_weight` when given, else the least-squares slope fitted on
+        earlier batches only (0 at first); 0 while warming up."""
+        if warming_up:
+            return 0.0
+        return self.args.critic_weight if self.args.critic_weight is not None else slope(self.weight_fit)
 
     def baselines(self, values, returns, mask, group_size: int, warming_up: bool = False) -> torch.Tensor:
         """Per-token baselines b_t (B, C) of the (global) batch; see `advantages.critic_baseline`."""

@@ -4,13 +4,14 @@ from dataclasses import dataclass, field, fields
 
 from trl import RLOOConfig
 
-from .advantages import BASELINES
+from .advantages import BASELINES, MAX_CRITIC_WEIGHT
 from .config_defaults import overwrite_output_dir_field, resolve_device_defaults, resume_from_checkpoint_field
 
 
 # Fields that act only through the critic, which only baseline="critic" builds: set under another baseline, they warn.
 CRITIC_ONLY_FIELDS = (
     "critic_learning_rate",
+    "critic_weight",
     "critic_warmup_steps",
     "critic_shares_base",
     "critic_layers",
@@ -48,6 +49,10 @@ class ReinforceConfig(RLOOConfig):
               batch, during `critic_warmup_steps` and while the recentred values have (next to) no variance. With
               `w = 0`, `b_t^i` is the leave-one-out mean of the others' returns `G_t^j`; with `w = 1`, `V(s_t^i)` plus
               the others' mean error.
+            - `"otb"`: the optimal token baseline (arXiv 2602.07078), critic-free:
+              `b_t^i = Σ_{j≠i} G_t^j·W_t^j / Σ_{j≠i} W_t^j` over the same others as the critic's, with
+              `W_t = Σ_{k≤t} (1 − 2·π(a_k|s_k) + Σ_a π(a|s_k)²)` from the sampling distribution (a forward pass at
+              the sampling temperature, or the inverse-CDF sampler's record).
             - `"rloo"`: the mean reward of the other completions of the same prompt, the KL penalty summed into each
               sequence reward, as in [`trl.RLOOTrainer`]. Needs `num_generations >= 2`.
             - `"mean"`: the mean return `G_0` of the batch.
@@ -70,6 +75,10 @@ class ReinforceConfig(RLOOConfig):
         critic_learning_rate (`float`, *optional*, defaults to `1e-3`):
             Learning rate of the critic's own AdamW optimizer. The critic regresses returns in normalised units
             (running mean and standard deviation), so one value serves rewards of any scale.
+        critic_weight (`float`, *optional*):
+            `w` held fixed instead of fitted. `0.0` is the isolated ablation of the critic: the same trainer, returns
+            and critic training, with baselines that ignore the critic (the others' mean of `G_t`); `1.0` is
+            `V(s_t)` itself, recentred. `None` (the default) fits `w` as described under `baseline`.
         critic_warmup_steps (`int`, *optional*, defaults to `0`):
             Number of optimizer steps during which `w = 0`: the critic learns, and the policy learns too, with the
             critic-free fallback, the leave-one-out mean of the other completions' returns (the rest of the batch
@@ -141,8 +150,9 @@ class ReinforceConfig(RLOOConfig):
         metadata={
             "help": "Baseline b_t subtracted from the return G_t: 'critic' (a value-head critic V, recentred on the "
             "other completions: b_t = w·V(s_t) + the others' mean of G_t − w·V(s_t), w a least-squares slope fitted "
-            "on earlier batches, in [0, 2]), 'rloo' (mean reward of the other completions of the same prompt), "
-            "'mean' (batch mean return) or 'none' (vanilla REINFORCE).",
+            "on earlier batches, in [0, 2]), 'otb' (the optimal token baseline: the others' G_t weighted by "
+            "their summed squared score-function norms, critic-free), 'rloo' (mean reward of the other "
+            "completions of the same prompt), 'mean' (batch mean return) or 'none' (vanilla REINFORCE).",
             "choices": list(BASELINES),
         },
     )
@@ -152,6 +162,13 @@ class ReinforceConfig(RLOOConfig):
             "help": "Learning rate of the critic's own AdamW optimizer (baseline='critic' only). The critic "
             "regresses returns in normalised units (running mean and standard deviation), so one value serves "
             "rewards of any scale."
+        },
+    )
+    critic_weight: float | None = field(
+        default=None,
+        metadata={
+            "help": "w held fixed instead of fitted (baseline='critic' only): 0 is the isolated ablation (the critic "
+            "trains, the baseline ignores it: the others' mean of G_t), 1 is V(s_t) itself, recentred; None fits w."
         },
     )
     critic_warmup_steps: int = field(
@@ -308,6 +325,11 @@ def check_baseline(config: ReinforceConfig) -> None:
 def check_critic_and_returns(config: ReinforceConfig) -> None:
     if not (math.isfinite(config.critic_learning_rate) and config.critic_learning_rate > 0):
         raise ValueError(f"critic_learning_rate={config.critic_learning_rate} must be a positive number.")
+    if config.critic_weight is not None and not 0.0 <= config.critic_weight <= MAX_CRITIC_WEIGHT:
+        raise ValueError(
+            f"critic_weight={config.critic_weight} must lie in [0, {MAX_CRITIC_WEIGHT}] (0: the isolated ablation), "
+            "or be None to fit it."
+        )
     if config.critic_warmup_steps < 0:
         raise ValueError(f"critic_warmup_steps={config.critic_warmup_steps} must be 0 or more.")
     if config.critic_layers is not None and config.critic_layers < 0:

@@ -16,11 +16,12 @@ from .advantages import (
     gae_advantages,
     masked_mean,
     masked_var,
-    recentred_explained_variance,
+    optimal_token_baseline,
     reward_to_go,
     sequence_baseline,
     token_advantages,
     token_rewards,
+    value_diagnostics,
     whiten,
 )
 from .checkpoints import ADAPTER_WEIGHTS, ResumableMixin, check_reinforce_checkpoint
@@ -147,7 +148,7 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         critic_batch, batch_values = None, None
         if self.critic is not None:  # V(s_t): taken before the critic learns from this batch
             critic_batch, batch_values = self._values(rollout, returns, mask, group_size, mode)
-        baselines = self._baselines(batch_values, returns, mask, sequence_returns, rollout.local, group_size, mode)
+        baselines = self._baselines(rollout, batch_values, returns, mask, sequence_returns, group_size, mode)
         if critic_batch is not None:  # the critic learns from this batch only once its baselines are taken
             self._update_critic(critic_batch, batch_values)
 
@@ -209,23 +210,28 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         group = group_size if group_size > 1 else len(gathered[0])  # one completion per prompt: the rest of the batch
         return critic_batch, BatchValues(values, *gathered, group)
 
-    def _baselines(self, batch_values, returns, mask, sequence_returns, local, group_size, mode):
-        """b_t (B, C) from the critic, or b per sequence (B,) of the critic-free baselines; None for RLOO evaluated
-        with one completion per prompt."""
+    def _baselines(self, rollout: Rollout, batch_values, returns, mask, sequence_returns, group_size, mode):
+        """b_t (B, C) of the critic or the optimal token baseline, or b per sequence (B,) of the other critic-free
+        baselines; None for RLOO evaluated with one completion per prompt."""
+        if self.args.baseline == "otb":  # over every process's rows: the others may sit on other processes
+            gathered = [returns, rollout.rollout_logps, rollout.sum_squared_probs, mask]
+            gathered = [self._gather_rows(tensor.float()) for tensor in gathered]
+            group = group_size if group_size > 1 else len(gathered[0])
+            baselines = optimal_token_baseline(*gathered, group)
+            return baselines[self._local_rows(len(returns)), : returns.size(1)].nan_to_num(0.0)
         if self.critic is None:
             if self.args.baseline == "rloo" and group_size < 2:
                 return None
-            return sequence_baseline(sequence_returns, self.args.baseline, group_size)[local].nan_to_num(0.0)
+            return sequence_baseline(sequence_returns, self.args.baseline, group_size)[rollout.local].nan_to_num(0.0)
         values, all_values, all_returns, all_mask, group = batch_values
         warming_up = mode == "train" and self.state.global_step < self.args.critic_warmup_steps
         baselines = self.critic.baselines(all_values, all_returns, all_mask, group, warming_up)
         baselines = baselines[self._local_rows(len(values)), : values.size(1)].nan_to_num(0.0)
         metrics = self._metrics[mode]
         metrics["critic/values_mean"].append(masked_mean(values, mask).item())
-        metrics["critic/explained_variance"].append(explained_variance(values, returns, mask).item())
+        for name, value in value_diagnostics(all_values, all_returns, all_mask, group).items():
+            metrics[f"critic/{name}"].append(value)
         metrics["critic/baseline_explained_variance"].append(explained_variance(baselines, returns, mask).item())
-        recentred_ev = recentred_explained_variance(all_values, all_returns, all_mask, group)
-        metrics["critic/recentred_explained_variance"].append(recentred_ev.item())
         metrics["critic/weight"].append(self.critic.weight(warming_up))
         return baselines
 

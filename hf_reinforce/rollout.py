@@ -32,6 +32,7 @@ class Rollout:
     reference_logps: torch.Tensor | None  # (B, C) log π_ref(a_t|s_t), None without a KL penalty
     critic_layer_input: torch.Tensor | None  # (B, P+C, hidden) entering the critic's first trained layer, if kept
     local: slice  # this process's rows of the global batch
+    sum_squared_probs: torch.Tensor | None = None  # (B, C) Σ_a π_old(a|s_t)², for the optimal token baseline only
 
     @property
     def input_ids(self) -> torch.Tensor:
@@ -85,7 +86,7 @@ class RolloutMixin:
         """Generate completions of the batch's prompts and score them: the record every later stage reads."""
         check_text_prompts(inputs)
         prompts = [row["prompt"] for row in inputs]
-        prompt_ids, completion_ids, completions, sampled_logps = self._sample(prompts)
+        prompt_ids, completion_ids, completions, sampled = self._sample(prompts)
         device, pad_id, multiple = self.accelerator.device, self._tokenizer.pad_token_id, self.pad_to_multiple_of
         prompt_ids_t, prompt_mask = padded_token_ids(prompt_ids, pad_id, "left", multiple, device)
         completion_ids_t, completion_mask = padded_token_ids(completion_ids, pad_id, "right", multiple, device)
@@ -95,7 +96,9 @@ class RolloutMixin:
             completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
         input_ids = torch.cat([prompt_ids_t, completion_ids_t], dim=1)  # (B, P+C)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
-        rollout_logps = self._rollout_logps(input_ids, attention_mask, completion_ids_t.size(1), sampled_logps, mode)
+        rollout_logps, sum_squared_probs = self._rollout_logps(
+            input_ids, attention_mask, completion_ids_t.size(1), sampled, mode
+        )
         rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # (global B, F)
         reference_logps, layer_input = self._reference_pass(input_ids, attention_mask, completion_ids_t.size(1))
         self._log_rollout(prompts, completions, rewards_per_func, mode)
@@ -110,25 +113,31 @@ class RolloutMixin:
             reference_logps,
             layer_input,
             rows,
+            sum_squared_probs,
         )
 
     def _sample(self, prompts):
-        """TRL's generation: prompt ids, completion ids, decoded completions, and log π of each drawn token when the
-        sampler kept it (else None). With `inverse_cdf_sampling` the tokens are drawn by `InverseCdfSampler`."""
+        """TRL's generation: prompt ids, completion ids, decoded completions, and what the sampler kept of each drawn
+        token: (log π, Σ_a π(a)²), each (B, T) or None. With `inverse_cdf_sampling` the tokens are drawn by
+        `InverseCdfSampler`, which keeps them; otherwise nothing is kept."""
         if not self.args.inverse_cdf_sampling:
-            return (*self._generate(prompts), None)
+            return (*self._generate(prompts), (None, None))
         # The sampler sees the scores after generate's own processors: they are the policy's logits only when
         # `generation_kwargs` adds none (min_new_tokens, suppress_tokens...); otherwise the rollouts get their forward.
-        needed = self.beta != 0.0 or self.num_iterations > 1
+        optimal_token_baseline = self.args.baseline == "otb"
+        needed = self.beta != 0.0 or self.num_iterations > 1 or optimal_token_baseline
         sampler = InverseCdfSampler(
             self.temperature,
             record_logps=needed and not self.args.generation_kwargs,
             logps_temperature=self.temperature,
+            record_sum_squared_probs=optimal_token_baseline and not self.args.generation_kwargs,
         )
         with self._generating_through(sampler):
             prompt_ids, completion_ids, completions = self._generate(prompts)
-        sampled_logps = torch.stack(sampler.token_logps, dim=1) if sampler.token_logps else None  # (B, T)
-        return prompt_ids, completion_ids, completions, sampled_logps
+        kept = [
+            torch.stack(steps, dim=1) if steps else None for steps in (sampler.token_logps, sampler.sum_squared_probs)
+        ]
+        return prompt_ids, completion_ids, completions, tuple(kept)
 
     @contextlib.contextmanager
     def _generating_through(self, sampler: InverseCdfSampler):
@@ -148,18 +157,41 @@ class RolloutMixin:
             self.generation_config = sampling_config
             del policy.generate
 
-    def _rollout_logps(self, input_ids, attention_mask, completion_length, sampled_logps, mode):
-        """log π_old(a_t|s_t) (B, C), for the KL penalty or reused rollouts only: taken from the sampler when it kept
-        them, from a forward pass otherwise; None when nothing reads them."""
-        if self.beta == 0.0 and self.num_iterations == 1:
-            return None
-        if sampled_logps is not None and sampled_logps.size(1) >= completion_length:
-            return sampled_logps[:, :completion_length].to(input_ids.device)
+    def _rollout_logps(self, input_ids, attention_mask, completion_length, sampled, mode):
+        """log π_old(a_t|s_t) (B, C), for the KL penalty, reused rollouts or the optimal token baseline only, and
+        Σ_a π_old(a|s_t)² (B, C) for that baseline only (else None): taken from the sampler when it kept them, from
+        a forward pass otherwise; None when nothing reads them."""
+        if self.beta == 0.0 and self.num_iterations == 1 and self.args.baseline != "otb":
+            return None, None
         batch_size = self.args.per_device_train_batch_size if mode == "train" else self.args.per_device_eval_batch_size
+        if self.args.baseline == "otb":
+            if all(kept is not None and kept.size(1) >= completion_length for kept in sampled):
+                return tuple(kept[:, :completion_length].to(input_ids.device) for kept in sampled)
+            return self._sampling_statistics(input_ids, attention_mask, completion_length, batch_size)
+        sampled_logps = sampled[0]
+        if sampled_logps is not None and sampled_logps.size(1) >= completion_length:
+            return sampled_logps[:, :completion_length].to(input_ids.device), None
         with torch.no_grad(), disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
             return self._get_per_token_logps_and_entropies(
                 self.model, input_ids, attention_mask, completion_length, batch_size
-            )[0]
+            )[0], None
+
+    @torch.no_grad()
+    def _sampling_statistics(self, input_ids, attention_mask, completion_length, batch_size):
+        """log π(a_t|s_t) and Σ_a π(a|s_t)² (B, C) of the sampling distribution (the policy at its temperature)."""
+        logps, sums = [], []
+        with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
+            for start in range(0, len(input_ids), batch_size):
+                rows = slice(start, start + batch_size)
+                logits = self.model(
+                    input_ids=input_ids[rows],
+                    attention_mask=attention_mask[rows],
+                    logits_to_keep=completion_length + 1,
+                ).logits[:, :-1]  # (b, C, V): the logits that predict each completion token
+                log_probs = (logits.float() / self.temperature).log_softmax(dim=-1)
+                logps.append(log_probs.gather(-1, input_ids[rows, -completion_length:, None]).squeeze(-1))
+                sums.append((2 * log_probs).exp().sum(dim=-1))
+        return torch.cat(logps), torch.cat(sums)
 
     @torch.no_grad()
     def _reference_pass(self, input_ids, attention_mask, completion_length):

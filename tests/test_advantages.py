@@ -13,11 +13,14 @@ from hf_reinforce.advantages import (
     leave_one_out_mean,
     masked_mean,
     masked_var,
+    optimal_token_baseline,
+    position_thirds,
     recentred_explained_variance,
     reward_to_go,
     sequence_baseline,
     token_advantages,
     token_rewards,
+    value_diagnostics,
     whiten,
 )
 
@@ -215,3 +218,55 @@ def test_critic_weight_sums_give_slope_one_for_exact_values_and_zero_for_noise()
     assert abs((xy / xx).item()) < 0.15
     assert recentred_explained_variance(torch.full((64, 6), 2.0), returns, mask, 4) == pytest.approx(0.0)
     assert recentred_explained_variance(past, returns, mask, 4) > 0.5
+
+
+def test_optimal_token_baseline_by_hand():
+    # One prompt, three completions; the first ends after one token (its second token's numbers must not count)
+    returns = torch.tensor([[1.0, 0.0], [3.0, 3.0], [5.0, 5.0]])
+    probs = torch.tensor([[0.5, 1.0], [0.25, 0.5], [1.0, 0.5]])  # π(a_t|s_t) of the drawn tokens
+    sum_squared_probs = torch.tensor([[0.5, 7.0], [0.375, 0.5], [1.0, 0.5]])
+    mask = torch.tensor([[1.0, 0.0], [1.0, 1.0], [1.0, 1.0]])
+    # 1 − 2π + Σπ²: [0.5, -], [0.875, 0.5], [0, 0.5]; summed so far, the first carried forward: W below
+    weights = torch.tensor([[0.5, 0.5], [0.875, 1.375], [0.0, 0.5]])
+    carried_returns = torch.tensor([[1.0, 1.0], [3.0, 3.0], [5.0, 5.0]])
+    expected = torch.zeros(3, 2)
+    for i in range(3):
+        others = [j for j in range(3) if j != i]
+        expected[i] = sum(carried_returns[j] * weights[j] for j in others) / sum(weights[j] for j in others)
+    baselines = optimal_token_baseline(returns, probs.log(), sum_squared_probs, mask, group_size=3)
+    assert torch.allclose(baselines, expected)
+    assert baselines[0, 1].item() == pytest.approx((3 * 1.375 + 5 * 0.5) / 1.875)
+
+
+def test_optimal_token_baseline_with_equal_weights_is_the_others_mean_return():
+    torch.manual_seed(0)
+    returns = torch.randn(6, 5)
+    mask = torch.ones(6, 5)
+    uniform = torch.full((6, 5), 0.25)  # every token drawn with π = 1/4 out of 4 equally likely ones
+    baselines = optimal_token_baseline(returns, uniform.log(), uniform, mask, group_size=3)
+    assert torch.allclose(baselines, leave_one_out_mean(returns, 3), atol=1e-6)
+
+
+def test_position_thirds_split_each_completion_by_its_own_length():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [1, 0, 0, 0, 0, 0]])
+    expected = torch.tensor([[0, 0, 1, 1, 2, 2], [0, 0, 1, 2, -1, -1], [0, -1, -1, -1, -1, -1]])
+    assert torch.equal(position_thirds(mask), expected)
+
+
+def test_value_diagnostics_split_the_explained_variance_by_position():
+    torch.manual_seed(0)
+    returns = torch.randn(4, 6)
+    values = returns.clone()
+    values[:, 4:] = 0.0  # the values know the first two thirds exactly, nothing of the last
+    mask = torch.ones(4, 6)
+    diagnostics = value_diagnostics(values, returns, mask, group_size=2)
+    assert diagnostics["explained_variance"] == pytest.approx(explained_variance(values, returns, mask).item())
+    assert diagnostics["explained_variance_first"] == pytest.approx(1.0)
+    assert diagnostics["explained_variance_middle"] == pytest.approx(1.0)
+    last = torch.zeros_like(mask)
+    last[:, 4:] = 1.0
+    assert diagnostics["explained_variance_last"] == pytest.approx(explained_variance(values, returns, last).item())
+    assert diagnostics["recentred_explained_variance_first"] == pytest.approx(1.0)
+    assert diagnostics["recentred_explained_variance_last"] == pytest.approx(0.0)
+    pooled = 1 - diagnostics["residual_variance"] / diagnostics["returns_variance"]
+    assert pooled == pytest.approx(diagnostics["explained_variance"])

@@ -21,6 +21,7 @@ from hf_reinforce.reinforce_config import CRITIC_ONLY_FIELDS
 # A value other than the default for each field that only the critic reads.
 CRITIC_FIELD_VALUES = {
     "critic_learning_rate": 1e-4,
+    "critic_weight": 0.0,
     "critic_warmup_steps": 5,
     "critic_shares_base": False,
     "critic_layers": 2,
@@ -28,7 +29,7 @@ CRITIC_FIELD_VALUES = {
     "critic_max_grad_norm": 0.5,
     "lam": 0.9,
 }
-OTHER_BASELINES = ("rloo", "mean", "none")
+OTHER_BASELINES = ("otb", "rloo", "mean", "none")
 IGNORED = "is ignored with baseline="
 
 

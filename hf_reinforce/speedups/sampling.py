@@ -44,6 +44,7 @@ class InverseCdfSampler(LogitsProcessor):
         generator: torch.Generator | None = None,
         record_logps: bool = False,
         logps_temperature: float = 1.0,
+        record_sum_squared_probs: bool = False,
     ):
         for name, value in (("temperature", temperature), ("logps_temperature", logps_temperature)):
             if not value > 0:
@@ -55,6 +56,9 @@ class InverseCdfSampler(LogitsProcessor):
         # log-probability; at the sampling temperature, the policy's as TRL's trainers score it.
         self.token_logps: list[torch.Tensor] | None = [] if record_logps else None
         self.logps_temperature = logps_temperature
+        # With record_sum_squared_probs, `sum_squared_probs` gets one (B,) tensor per step: Σ_a π(a)² of the sampling
+        # distribution, which the optimal token baseline needs and which otherwise takes another forward.
+        self.sum_squared_probs: list[torch.Tensor] | None = [] if record_sum_squared_probs else None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         logits = scores.float()  # (B, V)
@@ -64,6 +68,8 @@ class InverseCdfSampler(LogitsProcessor):
             scaled = logits / self.logps_temperature if self.logps_temperature != 1.0 else logits  # (B, V)
             drawn = scaled.gather(1, tokens.unsqueeze(1)).squeeze(1)  # (B,)
             self.token_logps.append(drawn - scaled.logsumexp(dim=-1))
+        if self.sum_squared_probs is not None:
+            self.sum_squared_probs.append(probs.square().sum(dim=-1))
         masked = torch.full_like(scores, float("-inf"))
         return masked.scatter_(1, tokens.unsqueeze(1), 0.0)
 

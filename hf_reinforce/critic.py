@@ -44,6 +44,9 @@ CRITIC_OPTIMIZER = "critic_optimizer.pt"
 CRITIC_SCHEDULER = "critic_scheduler.pt"
 # Running statistics forget a batch's weight by this factor per batch: about the last ten batches count.
 STATISTICS_DECAY = 0.9
+# The check of the critic's weight forgets faster, about the last three batches: it follows the critic's current
+# accuracy, and one batch it predicts well or badly tells more than the slope's slow fit.
+WEIGHT_CHECK_DECAY = 0.7
 MIN_RETURN_STD = 1e-6
 
 
@@ -82,6 +85,17 @@ def slope(sums: RunningMeans) -> float:
     if not xx > 1e-8 * sums["yy"]:
         return 0.0
     return min(max(sums["xy"] / xx, 0.0), MAX_CRITIC_WEIGHT)
+
+
+def calibration(sums: RunningMeans) -> float:
+    """The least-squares slope, within [0, 1], of the returns' deviations on the critic's term in the baseline as
+    it was weighted before each batch was seen (E[z·y], E[z²] in `sums`, z = ŵ·x): 1 while the weight fitted on
+    earlier batches has predicted each next batch as well as it predicted those, 0 while it predicted nothing (nor
+    anything before any prediction was made)."""
+    zz = sums["zz"]
+    if not zz > 0.0:
+        return 0.0
+    return min(max(sums["zy"] / zz, 0.0), 1.0)
 
 
 @dataclass
@@ -123,6 +137,7 @@ class Critic:
         self.optimizer = self.scheduler = None
         self.returns = RunningMeans(("mean", "square"))
         self.weight_fit = RunningMeans(("xy", "xx", "yy"))  # see `advantages.critic_weight_sums`
+        self.weight_check = RunningMeans(("zy", "zz"), decay=WEIGHT_CHECK_DECAY)  # see `calibration`
 
     def create_optimizer(self, num_updates: int) -> None:
         self._broadcast_from_main_process()
@@ -280,11 +295,17 @@ class Critic:
 
     # ---- baselines ----
     def weight(self, warming_up: bool = False) -> float:
-        """w of `advantages.critic_baseline`: `critic_weight` when given, else the least-squares slope fitted on
-        earlier batches only (0 at first); 0 while warming up."""
+        """w of `advantages.critic_baseline`, from earlier batches only: `critic_weight` when given, else the
+        least-squares slope fitted on them, times its `calibration` (0 at first: the weight earns its place by
+        predicting batches it was not fitted on); 0 while warming up.
+
+        Why the calibration: the values of a critic that keeps changing can stop explaining the returns while a slope
+        fitted on its earlier values still lets them in; it follows how the fitted weight does out of sample."""
         if warming_up:
             return 0.0
-        return self.args.critic_weight if self.args.critic_weight is not None else slope(self.weight_fit)
+        if self.args.critic_weight is not None:
+            return self.args.critic_weight
+        return slope(self.weight_fit) * calibration(self.weight_check)
 
     def baselines(self, values, returns, mask, group_size: int, warming_up: bool = False) -> torch.Tensor:
         """Per-token baselines b_t (B, C) of the (global) batch; see `advantages.critic_baseline`."""
@@ -292,8 +313,11 @@ class Critic:
 
     def observe(self, values, returns, mask, group_size: int) -> None:
         """Add this batch, with the values the critic had before training on it, to the regression that sets w for
-        later batches."""
-        self.weight_fit.update(critic_weight_sums(values, returns, mask, group_size))
+        later batches, and check how the slope fitted before it predicts it."""
+        sums = critic_weight_sums(values, returns, mask, group_size)  # [Σ x·y, Σ x², Σ y²]
+        fitted = slope(self.weight_fit)
+        self.weight_check.update(torch.stack([fitted * sums[0], fitted**2 * sums[1]]))
+        self.weight_fit.update(sums)
 
     # ---- checkpoints ----
     def save_checkpoint(self, directory: Path) -> None:
@@ -305,7 +329,7 @@ class Critic:
         torch.save(self.scheduler.state_dict(), directory / CRITIC_SCHEDULER)
 
     def _statistics(self) -> tuple[tuple[str, RunningMeans], ...]:
-        return ("returns", self.returns), ("weight_fit", self.weight_fit)
+        return ("returns", self.returns), ("weight_fit", self.weight_fit), ("weight_check", self.weight_check)
 
     def load_checkpoint(self, directory: Path) -> None:
         if not (directory / CRITIC_STATE).exists():

@@ -1,6 +1,8 @@
 """The critic's life cycle (`hf_reinforce.critic`): scale-free fitting, the weight it earns in the baseline, and its
 warm start from a reward model (full precision or a 4-bit LoRA adapter)."""
 
+import random
+
 import pytest
 import torch
 from datasets import Dataset
@@ -9,7 +11,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Bits
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
 from hf_reinforce.advantages import explained_variance
-from hf_reinforce.critic import MAX_CRITIC_WEIGHT, RunningMeans, slope
+from hf_reinforce.critic import MAX_CRITIC_WEIGHT, RunningMeans, calibration, slope
 from hf_reinforce.testing import EnumerableToy, build_tiny_tokenizer, make_preference_dataset, save_tiny_models
 
 
@@ -55,6 +57,111 @@ def test_slope_weighs_the_critic_by_what_it_predicts():
     flat = RunningMeans(("xy", "xx", "yy"))
     flat.update(torch.tensor([1e-12, 1e-12, 1.0]))  # an untrained critic's constant values
     assert slope(flat) == 0.0
+
+
+def test_calibration_scales_the_weight_by_how_it_predicted_later_batches():
+    check = RunningMeans(("zy", "zz"))
+    assert calibration(check) == 0.0  # no prediction made yet
+    check.update(torch.tensor([5.0, 5.0]))  # the weighted values predicted the next batch exactly
+    assert calibration(check) == pytest.approx(1.0)
+    overshooting = RunningMeans(("zy", "zz"))
+    overshooting.update(torch.tensor([2.0, 8.0]))  # the fitted weight was four times too large out of sample
+    assert calibration(overshooting) == pytest.approx(0.25)
+    wrong = RunningMeans(("zy", "zz"))
+    wrong.update(torch.tensor([-3.0, 4.0]))  # it predicted the opposite
+    assert calibration(wrong) == 0.0
+
+
+def test_weight_falls_within_20_batches_once_the_values_are_noise_while_the_critic_trains(tmp_path):
+    """The toy's reward for 30 batches (the critic learns it and earns a weight), then rewards that are pure noise:
+    the values the critic keeps learning explain nothing of them, and w must fall to 0.1 or less within 20 batches."""
+    toy, noise, calls = EnumerableToy(), random.Random(0), []
+
+    def reward(completions, **kwargs):
+        calls.append(len(completions))
+        if len(calls) <= 30:
+            return toy.reward(completions)
+        return [noise.gauss(0.0, 1.0) for _ in completions]
+
+    args = run_args(
+        tmp_path,
+        max_completion_length=toy.horizon,
+        max_steps=50,
+        learning_rate=0.0,
+        generation_kwargs={"suppress_tokens": toy.suppressed},
+        seed=0,
+    )
+    trainer = ReinforceTrainer(
+        model=toy.policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [toy.prompt] * 64}),
+        processing_class=toy.tokenizer,
+    )
+    critic_before = {name: p.detach().clone() for name, p in trainer.value_model.named_parameters() if p.requires_grad}
+    trainer.train()
+    weights = logged(trainer, "critic/weight")
+    assert len(weights) == 50 and len(calls) == 50
+    print("w per batch:", " ".join(f"{w:.2f}" for w in weights))
+    assert max(weights[:30]) > 0.3  # it had earned a weight before the rewards turned to noise
+    assert min(weights[30:50]) <= 0.1 and weights[-1] <= 0.1
+    trained = {name: p for name, p in trainer.value_model.named_parameters() if p.requires_grad}
+    assert any(not torch.equal(critic_before[name], trained[name]) for name in critic_before)
+
+
+def test_values_come_before_the_critic_fits_and_the_weight_from_earlier_batches_only(tmp_path):
+    """Per batch: the values are the critic's before it learns from the batch, w is read from the batches before
+    it, then the critic learns and the batch joins the fit of w. Fails if any two of these swap."""
+    toy = EnumerableToy()
+    args = run_args(
+        tmp_path,
+        max_completion_length=toy.horizon,
+        max_steps=4,
+        generation_kwargs={"suppress_tokens": toy.suppressed},
+    )
+    trainer = ReinforceTrainer(
+        model=toy.policy,
+        reward_funcs=toy.reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": [toy.prompt] * 64}),
+        processing_class=toy.tokenizer,
+    )
+    critic, events = trainer.critic, []
+    first_pass, weight, update, observe = critic.first_pass, critic.weight, critic.update, critic.observe
+
+    def spy_first_pass(input_ids, attention_mask, returns, mask, layer_input=None):
+        before = critic.values(input_ids, attention_mask, returns.size(1), layer_input)  # the critic as it is
+        batch = first_pass(input_ids, attention_mask, returns, mask, layer_input)
+        assert torch.allclose(batch.values * mask, before * mask, atol=1e-6)
+        events.append("values")
+        return batch
+
+    def spy_weight(warming_up=False):
+        events.append(("weight", events.count("observe")))
+        return weight(warming_up)
+
+    def spy_update(batch):
+        events.append("update")
+        return update(batch)
+
+    def spy_observe(*args):
+        events.append("observe")
+        return observe(*args)
+
+    critic.first_pass, critic.weight, critic.update, critic.observe = (
+        spy_first_pass,
+        spy_weight,
+        spy_update,
+        spy_observe,
+    )
+    trainer.train()
+    steps = []
+    for event in events:
+        if event == "values":
+            steps.append([])
+        if not steps[-1] or steps[-1][-1] != event:
+            steps[-1].append(event)
+    assert steps == [["values", ("weight", step), "update", "observe"] for step in range(4)]
 
 
 def test_decayed_means_forget_old_batches():

@@ -125,17 +125,17 @@ def test_an_answer_repeats_a_word_when_a_content_word_occurs_three_times(text, r
 
 
 @torch.no_grad()
-def answer_logp(model, tokenizer, prompt: list[dict], answer_ids: list[int]) -> float:
-    """log p(answer | prompt) under `model`, from one forward of the whole text."""
+def answer_logp(model, tokenizer, prompt: list[dict], answer_ids: list[int], temperature: float = 1.0) -> float:
+    """log p(answer | prompt) under `model` at `temperature`, from one forward of the whole text."""
     prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
     ids = torch.tensor([prompt_ids + answer_ids])
-    logps = model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None])
+    logps = (model(input_ids=ids).logits[0, :-1] / temperature).log_softmax(-1).gather(-1, ids[0, 1:, None])
     return logps[len(prompt_ids) - 1 :].sum().item()
 
 
 def test_sampled_answers_keep_their_log_probability_under_the_model():
-    """The log p of each answer recorded while sampling (temperature 1, end-of-turn included, nothing after it) is
-    what a forward of the prompt and answer gives."""
+    """The log p of each answer recorded while sampling (at the sampling temperature, end-of-turn included, nothing
+    after it) is what a forward of the prompt and answer gives at that temperature."""
     tokenizer = build_tiny_tokenizer()
     tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}\n{% endfor %}"
     model = build_tiny_causal_lm(tokenizer).eval()
@@ -144,7 +144,8 @@ def test_sampled_answers_keep_their_log_probability_under_the_model():
     answers = [(prompt, answer_) for prompt, group in zip(prompts, groups) for answer_ in group]
     assert any(a["finished"] for _, a in answers) and any(not a["finished"] for _, a in answers)
     for prompt, answer_ in answers:
-        assert answer_["logp"] == pytest.approx(answer_logp(model, tokenizer, prompt, answer_["ids"]), abs=1e-4)
+        expected = answer_logp(model, tokenizer, prompt, answer_["ids"], temperature=0.7)
+        assert answer_["logp"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
@@ -154,17 +155,19 @@ def test_the_batched_kl_is_the_mean_over_answers_of_the_summed_log_ratio():
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     prompts = [chat("a tent"), chat("a sofa and a lamp")]
     groups = [[{"ids": tokenizer.encode(text)} for text in texts] for texts in (["good", "ok fine"], ["bad!"])]
-    expected = []  # one answer at a time, from the definition: sum over its tokens of log pi - log pi_ref
-    for prompt, group in zip(prompts, groups):
-        for answer_ in group:
-            answer_["logp"] = answer_logp(model, tokenizer, prompt, answer_["ids"])  # as sample_answers keeps it
-            with model.disable_adapter():
-                expected.append(answer_["logp"] - answer_logp(model, tokenizer, prompt, answer_["ids"]))
-    assert abs(sum(expected) / 3) > 1e-3  # the adapter moved the policy
-    # Batches of 2: answers of one prompt padded, then a batch of one; of 3: prompts of two lengths padded as well
-    for batch_size in (2, 3):
-        kl = evaluation.mean_kl(model, tokenizer, prompts, groups, batch_size=batch_size)
-        assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
+    for temperature in (1.0, 0.7):  # both distributions at the temperature the answers were drawn at
+        expected = []  # one answer at a time, from the definition: sum over its tokens of log pi - log pi_ref
+        for prompt, group in zip(prompts, groups):
+            for answer_ in group:
+                logp = answer_logp(model, tokenizer, prompt, answer_["ids"], temperature)
+                answer_["logp"] = logp  # as sample_answers keeps it
+                with model.disable_adapter():
+                    expected.append(logp - answer_logp(model, tokenizer, prompt, answer_["ids"], temperature))
+        assert abs(sum(expected) / 3) > 1e-3  # the adapter moved the policy
+        # Batches of 2: answers of one prompt padded, then a batch of one; of 3: prompts of two lengths padded too
+        for batch_size in (2, 3):
+            kl = evaluation.mean_kl(model, tokenizer, prompts, groups, temperature, batch_size=batch_size)
+            assert kl == pytest.approx(sum(expected) / 3, abs=1e-5)
 
 
 def test_reward_model_quality_scores_each_distinct_answer_once(monkeypatch):
@@ -433,7 +436,7 @@ def test_the_critic_starts_from_the_real_reward_model(smollm2, real_reward, tmp_
     sampling = Sampling(temperature=0.7, max_new_tokens=16)
     groups = sample_answers(trainer.model, tokenizer, PROMPTS[:1], 2, sampling, seed=0, desc="sampling")
     # log pi comes from the sampling's cached decode, log pi_ref from a full forward: they round differently
-    assert evaluation.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups) == pytest.approx(0.0, abs=1e-4)
+    assert evaluation.mean_kl(trainer.model, tokenizer, PROMPTS[:1], groups, 0.7) == pytest.approx(0.0, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ from transformers import BitsAndBytesConfig
 from trl import RLOOConfig, RLOOTrainer
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, ValueHeadModel
+from hf_reinforce.advantages import carry_forward, leave_one_out_mean, optimal_token_baseline
 from hf_reinforce.speedups import fused_lora
 from hf_reinforce.testing import build_tiny_causal_lm, build_tiny_tokenizer, save_tiny_models
 
@@ -71,7 +72,7 @@ def logged(trainer, key) -> list[float]:
     return [entry[key] for entry in trainer.state.log_history if entry.get(key) is not None]
 
 
-@pytest.mark.parametrize("baseline", ["critic", "rloo", "mean", "none"])
+@pytest.mark.parametrize("baseline", ["critic", "otb", "rloo", "mean", "none"])
 def test_each_baseline_raises_a_simple_reward(tmp_path, abc_tokenizer, baseline):
     policy = build_tiny_causal_lm(abc_tokenizer, seed=1)
     before = snapshot(policy.named_parameters())
@@ -506,3 +507,66 @@ def test_masked_truncated_completions_teach_neither_policy_nor_critic(tmp_path, 
     assert (~ended).any() and ended.any()  # some completions were cut off at 3 tokens, some ended
     assert (output["advantages"][~ended] == 0).all() and (seen["mask"][~ended] == 0).all()
     assert (seen["mask"][ended].sum(dim=1) > 0).all()
+
+
+@pytest.mark.parametrize("inverse_cdf_sampling", [True, False])
+def test_optimal_token_baseline_reads_the_sampling_distribution(tmp_path, tiny_paths, inverse_cdf_sampling):
+    """OTB's log π and Σ_a π² are those of the policy at the sampling temperature: kept by the sampler, or from a
+    forward pass; the baselines are `advantages.optimal_token_baseline` of them."""
+    args = config(tmp_path, baseline="otb", temperature=0.7, inverse_cdf_sampling=inverse_cdf_sampling)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    trainer.model.train()
+    rollouts, baselines = [], []
+    rollout, choose = trainer._rollout, trainer._baselines
+    trainer._rollout = lambda *a: rollouts.append(rollout(*a)) or rollouts[-1]
+    trainer._baselines = lambda *a: baselines.append((a, choose(*a))) or baselines[-1][1]
+    torch.manual_seed(0)
+    trainer._generate_and_score_completions([{"prompt": p} for p in ["ab", "cab"] for _ in range(4)])
+    (record,) = rollouts
+    mask = record.completion_mask.bool()
+    logps, sums = trainer._sampling_statistics(
+        record.input_ids, record.attention_mask, record.completion_ids.size(1), batch_size=8
+    )
+    torch.testing.assert_close(record.rollout_logps[mask], logps[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(record.sum_squared_probs[mask], sums[mask], atol=1e-5, rtol=1e-5)
+    assert (sums[mask] < 1).all() and (sums[mask] > 0).all()
+    ((_, _, returns, step_mask, *_), chosen) = baselines[0]
+    expected = optimal_token_baseline(returns, logps, sums, step_mask.float(), 4)
+    torch.testing.assert_close(chosen * step_mask, expected * step_mask, atol=1e-5, rtol=1e-5)
+
+
+def test_isolated_ablation_trains_the_critic_and_ignores_it(tmp_path, tiny_paths):
+    """critic_weight=0: the critic trains as ever, and the baselines are the others' mean of G_t, whatever it says."""
+    args = config(tmp_path, critic_weight=0.0, beta=0.1, max_steps=4)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    critic_before = snapshot(p for p in trainer.value_model.named_parameters() if p[1].requires_grad)
+    chosen = []
+    choose = trainer._baselines
+    trainer._baselines = lambda *a: chosen.append((a, choose(*a))) or chosen[-1][1]
+    trainer.train()
+    assert len(chosen) == 4 and logged(trainer, "critic/weight") == [0.0] * 4
+    for (_, _, returns, mask, *_), baselines in chosen:
+        others = leave_one_out_mean(carry_forward(returns, mask), 4).nan_to_num(0.0)
+        torch.testing.assert_close(baselines * mask, others * mask)
+    assert changed(critic_before, trainer.value_model.named_parameters()) == set(critic_before)
+
+
+@pytest.mark.parametrize("baseline", ["critic", "otb"])
+def test_one_generation_per_prompt_compares_with_the_rest_of_the_batch(tmp_path, tiny_paths, baseline):
+    args = config(tmp_path, baseline=baseline, num_generations=1, max_steps=3, beta=0.1)
+    trainer = ReinforceTrainer(model=tiny_paths["policy"], reward_funcs=count_a, args=args, train_dataset=PROMPTS)
+    policy = trainer.model
+    before = snapshot(policy.named_parameters())
+    chosen = []
+    choose = trainer._baselines
+    trainer._baselines = lambda *a: chosen.append((a, choose(*a))) or chosen[-1][1]
+    trainer.train()
+    assert changed(before, policy.named_parameters()) == set(before)
+    (rollout, batch_values, returns, mask, _, group_size, _), baselines = chosen[0]
+    assert group_size == 1
+    if baseline == "critic":  # the first batch has w = 0: the mean of the other seven completions' G_t
+        assert batch_values.group == 8
+        others = leave_one_out_mean(carry_forward(returns, mask), 8)
+    else:
+        others = optimal_token_baseline(returns, rollout.rollout_logps, rollout.sum_squared_probs, mask.float(), 8)
+    torch.testing.assert_close(baselines * mask, others.nan_to_num(0.0) * mask)

@@ -2,6 +2,7 @@
 
 from dataclasses import dataclass, field
 
+from hf_reinforce.examples.arms import ARMS
 from hf_reinforce.examples.real_demo.data import ITEMS
 from hf_reinforce.tools.gguf import DEFAULT_SMOLLM2_DIR
 
@@ -25,7 +26,16 @@ class RealDemoArguments:
     )
     seeds: list[int] = field(default_factory=lambda: [0], metadata={"help": "One whole run per seed."})
     baseline: str = field(
-        default="critic", metadata={"help": "REINFORCE's baseline (critic, rloo, mean or none), over the recipe's."}
+        default="critic",
+        metadata={"help": "REINFORCE's baseline (critic, otb, rloo, mean or none), over the recipe's."},
+    )
+    arm: str | None = field(
+        default=None,
+        metadata={
+            "help": "A named arm instead of --baseline (hf_reinforce.examples.arms): critic, critic-w0 (the isolated "
+            "ablation: the critic trains, w is held at 0), critic-1 (one answer per prompt), otb, rloo, mean, none.",
+            "choices": list(ARMS),
+        },
     )
     data_only: bool = field(
         default=False, metadata={"help": "Stop once the datasets the two recipes read are written."}
@@ -94,6 +104,8 @@ class RealDemoArguments:
             )
         if not self.tau > 0:
             raise ValueError(f"tau={self.tau} must be positive.")
+        if self.arm is not None and self.arm not in ARMS:
+            raise ValueError(f"arm={self.arm!r} is not one of {', '.join(ARMS)}; pick one or leave it out.")
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be at least 1 (or left out: the cores available).")
 
@@ -108,3 +120,8 @@ QUICK_SIZES = {
     "samples_per_eval_prompt": 2,
 }
 QUICK_MAX_COMPLETION_LENGTH = 32
+
+
+def arm_name(args: RealDemoArguments) -> str:
+    """The arm a run trains: `--arm`, or the one `--baseline` names."""
+    return args.arm or args.baseline

@@ -20,6 +20,7 @@ examples:
   hf-reinforce real-demo --data_only               # only the datasets the two recipes read
   hf-reinforce real-demo --seeds 0 1 2 --output_dir outputs/smollm2-135m-seeds
   hf-reinforce real-demo --baseline rloo --output_dir outputs/smollm2-135m-rloo
+  hf-reinforce real-demo --arm critic-w0 --reward_from outputs/smollm2-135m --output_dir outputs/smollm2-135m-w0
 """
 
 import dataclasses
@@ -34,7 +35,7 @@ from trl import TrlParser
 
 from hf_reinforce.checks import looks_like_local_path
 from hf_reinforce.examples.demo import Stages, demo_process_settings
-from hf_reinforce.examples.real_demo.arguments import QUICK_SIZES, RealDemoArguments
+from hf_reinforce.examples.real_demo.arguments import QUICK_SIZES, RealDemoArguments, arm_name
 from hf_reinforce.examples.real_demo.data import DATA_DIRS, POLICY_DIR, REWARD_DIR, read_jsonl
 from hf_reinforce.examples.real_demo.evaluation import held_out_quality, mean_kl, seed_results
 from hf_reinforce.examples.real_demo.preferences import make_data
@@ -92,7 +93,7 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
     source_dir, quality, reward_log = data_and_reward_model(model_name, data_dir, args, seed, stages)
 
     eval_prompts = [row["prompt"] for row in read_jsonl(source_dir / "prompts" / "test.jsonl")]
-    with stages.stage("reinforce", f"REINFORCE, baseline {args.baseline} (QLoRA)"):
+    with stages.stage("reinforce", f"REINFORCE, arm {arm_name(args)} (QLoRA)"):
         trainer = build_reinforce_trainer(model_name, source_dir, data_dir / POLICY_DIR, args, seed)
         # The same prompts and draws before and after training
         sample_held_out = functools.partial(
@@ -105,7 +106,7 @@ def run_seed(model_name: str, data_dir: Path, args: RealDemoArguments, seed: int
 
     with stages.stage("evaluate", "held-out gold reward and KL"):
         after = sample_held_out(desc="sampling held-out answers after")
-        kl = mean_kl(trainer.model, tokenizer, eval_prompts, after)
+        kl = mean_kl(trainer.model, tokenizer, eval_prompts, after, sampling.temperature)
     stages.progress.close()
 
     log = trainer.state.log_history

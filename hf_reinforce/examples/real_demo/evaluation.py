@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from hf_reinforce.advantages import POSITIONS
 from hf_reinforce.examples.demo import logged, tail_mean
 from hf_reinforce.examples.real_demo.data import REWARD_DIR, read_jsonl
 from hf_reinforce.examples.real_demo.judge import gold_score, repeats_a_word
@@ -45,9 +46,12 @@ def held_out_quality(run_dir: Path) -> dict:
     return reward_model_quality(run_dir / REWARD_DIR, read_jsonl(run_dir / "preferences" / "test.jsonl"))
 
 
-def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor):
-    """Per row, log p under `model` of its answer tokens. `input_ids` and `attention_mask` (B, P+A) hold left-padded
-    prompts followed by right-padded answers, `answer_mask` (B, A) marks the answer tokens; returns (B,)."""
+def answer_logps(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, answer_mask: torch.Tensor, temperature: float = 1.0
+):
+    """Per row, log p under `model` at `temperature` (softmax of the logits over it) of its answer tokens.
+    `input_ids` and `attention_mask` (B, P+A) hold left-padded prompts followed by right-padded answers, `answer_mask`
+    (B, A) marks the answer tokens; returns (B,)."""
     answer_length = answer_mask.size(1)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (B, P+A): the padding shifts no position
     # Logits only where an answer token is predicted: over the prompts too, the LM head would cost as much again
@@ -60,6 +64,7 @@ def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, a
         )
         .logits[:, :-1]
         .float()
+        / temperature
     )  # (B, A, V)
     answers = input_ids[:, -answer_length:, None]  # (B, A, 1)
     token_logps = logits.gather(-1, answers).squeeze(-1) - logits.logsumexp(-1)  # (B, A)
@@ -67,10 +72,12 @@ def answer_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, a
 
 
 @torch.no_grad()
-def mean_kl(model, tokenizer, prompts: list[list[dict]], groups: list[list[dict]], batch_size: int = 32) -> float:
-    """KL(policy || base) per answer, estimated on the policy's own samples: the mean of sum_t log pi - log pi_ref
-    over each answer's tokens. log pi is the one `sample_answers` kept while sampling; the reference is the same 4-bit
-    base with the adapters switched off."""
+def mean_kl(
+    model, tokenizer, prompts: list[list[dict]], groups: list[list[dict]], temperature: float, batch_size: int = 32
+) -> float:
+    """KL(policy || base) per answer of the distribution that was sampled, estimated on its samples: the mean of
+    sum_t log pi - log pi_ref over each answer's tokens, both at the sampling `temperature`. log pi is the one
+    `sample_answers` kept while sampling; the reference is the same 4-bit base with the adapters switched off."""
     rows = []
     for prompt, group in zip(prompts, groups, strict=True):
         prompt_ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, return_dict=False)
@@ -90,9 +97,36 @@ def mean_kl(model, tokenizer, prompts: list[list[dict]], groups: list[list[dict]
             answer_mask[row, : len(answer)] = 1
         tensors = [t.to(model.device) for t in (input_ids, attention_mask, answer_mask)]
         with model.disable_adapter():
-            reference = answer_logps(model, *tensors).tolist()
+            reference = answer_logps(model, *tensors, temperature=temperature).tolist()
         differences += [policy - ref for (_, _, policy), ref in zip(batch, reference, strict=True)]
     return statistics.fmean(differences)
+
+
+# Logged critic metrics, each reported over the last 20 % of logged steps under `critic_<name>`
+CRITIC_METRICS = (
+    "explained_variance",
+    "recentred_explained_variance",
+    *(
+        f"{kind}_{position}"
+        for kind in ("explained_variance", "recentred_explained_variance")
+        for position in POSITIONS
+    ),
+    "weight",
+)
+
+
+def critic_diagnostics(log: list[dict]) -> dict:
+    """What the critic knew over the last 20 % of logged steps (None without a critic): each of `CRITIC_METRICS`
+    averaged over those steps, and the explained variance pooled over them, 1 − Σ Var(G − V) / Σ Var(G)."""
+    diagnostics = {}
+    for name in CRITIC_METRICS:
+        _, values = logged(log, f"critic/{name}")
+        diagnostics[f"critic_{name}"] = tail_mean(values) if values else None
+    _, residual = logged(log, "critic/residual_variance")
+    _, returns = logged(log, "critic/returns_variance")
+    tail = max(1, round(len(returns) * 0.2))
+    pooled = 1 - sum(residual[-tail:]) / sum(returns[-tail:]) if returns and sum(returns[-tail:]) > 0 else None
+    return {**diagnostics, "critic_explained_variance_pooled": pooled}
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:
@@ -118,7 +152,6 @@ def seed_results(
     answers_after = [answer for group in after for answer in group]
     gold_before, stderr_before = mean_and_stderr([gold_score(a["text"]) for a in answers_before])
     gold_after, stderr_after = mean_and_stderr([gold_score(a["text"]) for a in answers_after])
-    _, explained_variances = logged(log, "critic/explained_variance")
     _, train_kl = logged(log, "kl")
     return {
         "seed": seed,
@@ -130,7 +163,7 @@ def seed_results(
         **quality,
         "kl_per_answer_held_out": kl,
         "kl_per_token_training": tail_mean(train_kl) if train_kl else None,
-        "critic_explained_variance": tail_mean(explained_variances) if explained_variances else None,
+        **critic_diagnostics(log),
         "finished_before": statistics.fmean(a["finished"] for a in answers_before),
         "finished_after": statistics.fmean(a["finished"] for a in answers_after),
         "repetitive_before": statistics.fmean(repeats_a_word(a["text"]) for a in answers_before),

@@ -13,7 +13,8 @@ matplotlib.use("Agg")  # files only: the demo runs on machines without a display
 import matplotlib.pyplot as plt  # noqa: E402
 
 from hf_reinforce.examples.demo import logged, save_figure  # noqa: E402
-from hf_reinforce.examples.real_demo.arguments import RealDemoArguments  # noqa: E402
+from hf_reinforce.examples.real_demo.arguments import RealDemoArguments, arm_name  # noqa: E402
+from hf_reinforce.examples.real_demo.evaluation import CRITIC_METRICS  # noqa: E402
 
 
 PLOT_FILE, SUMMARY_FILE = "training_curves.png", "summary.json"
@@ -39,7 +40,8 @@ SUMMARY_KEYS = (
     "reward_model_gold_correlation",
     "kl_per_answer_held_out",
     "kl_per_token_training",
-    "critic_explained_variance",
+    *(f"critic_{name}" for name in CRITIC_METRICS),
+    "critic_explained_variance_pooled",
     "finished_after",
     "repetitive_after",
 )
@@ -91,7 +93,8 @@ def write_summary(runs: list[dict], model_name: str, args: RealDemoArguments) ->
         "runs": [{key: value for key, value in run.items() if key != "logs"} for run in runs],
         "gold_reward": "VADER compound sentiment score of the answer, in [-1, 1] (vaderSentiment)",
         "reward_model": "Bradley-Terry with soft labels, QLoRA (recipes/smollm2-135m/reward/config_qlora.yaml)",
-        "policy": f"REINFORCE, baseline {args.baseline}, QLoRA (recipes/smollm2-135m/reinforce/config_qlora.yaml)",
+        "arm": arm_name(args),
+        "policy": f"REINFORCE, arm {arm_name(args)}, QLoRA (recipes/smollm2-135m/reinforce/config_qlora.yaml)",
         "model": model_name,
         "arguments": dataclasses.asdict(args),
     }

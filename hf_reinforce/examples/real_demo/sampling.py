@@ -44,7 +44,7 @@ def sample_answers(
 ) -> list[list[dict]]:
     """`num_per_prompt` answers per chat prompt, sampled as REINFORCE samples them: per prompt a list of {"text",
     "ids" (the completion's tokens, with its end-of-turn when it finished), "finished", "logp" (log p of those tokens
-    under `model`, at temperature 1)}."""
+    under `model` at the sampling temperature: of the distribution they were drawn from)}."""
     torch.manual_seed(seed)
     model.eval()
     eos = tokenizer.eos_token_id
@@ -57,7 +57,7 @@ def sample_answers(
         ]
         # The chat template writes its own special tokens, as the trainers tokenize it
         inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
-        sampler = InverseCdfSampler(sampling.temperature, record_logps=True)
+        sampler = InverseCdfSampler(sampling.temperature, record_logps=True, logps_temperature=sampling.temperature)
         output = model.generate(
             **inputs.to(model.device),
             # Temperature sampling with the draw made by the processor, greedy search keeping it: ten times cheaper

@@ -6,6 +6,7 @@ from datasets import Dataset
 from trl import get_peft_config, get_quantization_config
 
 from hf_reinforce import ReinforceTrainer, RewardTrainer
+from hf_reinforce.examples.arms import arm_flags
 from hf_reinforce.examples.demo import with_metrics_on_progress_bar
 from hf_reinforce.examples.real_demo.arguments import QUICK_MAX_COMPLETION_LENGTH, RealDemoArguments
 from hf_reinforce.examples.real_demo.data import REINFORCE_RECIPE, REWARD_DIR, REWARD_RECIPE, read_jsonl
@@ -49,7 +50,8 @@ def train_reward_model(model: str, data_dir: Path, output_dir: Path, args: RealD
 
 def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: RealDemoArguments, seed: int):
     overrides = recipe_overrides(model, data_dir / "prompts", output_dir, seed, args.reinforce_steps)
-    overrides += ["--reward_model_name_or_path", str(data_dir / REWARD_DIR), "--baseline", args.baseline]
+    overrides += ["--reward_model_name_or_path", str(data_dir / REWARD_DIR)]
+    overrides += arm_flags(args.arm) if args.arm else ["--baseline", args.baseline]
     overrides += ["--reward_weights", "1.0", "0.0"]
     if args.quick:
         overrides += ["--max_completion_length", str(QUICK_MAX_COMPLETION_LENGTH)]

@@ -22,15 +22,18 @@ from transformers import AutoModel, AutoModelForSequenceClassification, PreTrain
 from transformers.utils import logging
 
 from .advantages import MAX_CRITIC_WEIGHT, critic_baseline, critic_weight_sums
-from .engines import engine_shards_base, launched_engine, outside_zero3_init
+from .engines import launched_engine, outside_zero3_init
 from .losses import value_loss
 from .placement import (
-    CRITIC_ON_POLICY_BASE,
+    CRITIC_ADAPTER,
+    POLICY_BASE,
+    SHARDED_BASE,
+    PlacementPlan,
     adapted_module_names,
     critic_layer_indices,
     critic_lora_config,
     layer_of,
-    place_critic,
+    plan_for_run,
 )
 from .reward_models import SharedBaseRewardScorer, reward_adapter_weights, shares_base_weights, unwrap_scorer
 from .speedups.quantization import keep_4bit_layers_differentiable
@@ -38,7 +41,6 @@ from .value_head import ValueHeadModel
 
 
 logger = logging.get_logger(__name__)
-CRITIC_ADAPTER = "critic"
 CRITIC_STATE = "critic_state.safetensors"
 CRITIC_OPTIMIZER = "critic_optimizer.pt"
 CRITIC_SCHEDULER = "critic_scheduler.pt"
@@ -388,13 +390,18 @@ def load_adapter_weights(target: PeftModel, lora_weights: dict, adapter_name: st
         raise ValueError(f"The reward model's adapter does not fit the critic: {result.unexpected_keys[:3]} ...")
 
 
-def build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config) -> ValueHeadModel:
-    """The critic's value model, as `ReinforceTrainer`'s `value_model` argument documents.
+def build_value_model(
+    value_model, policy, reward_funcs, args, accelerator, quantization_config, plan: PlacementPlan | None = None
+) -> ValueHeadModel:
+    """The critic's value model, as `ReinforceTrainer`'s `value_model` argument documents, placed as `plan.critic`
+    says (the trainer's plan; made from `args` and the launched engine when not given).
 
     Whenever a reward model is given and the critic is not told otherwise, it starts from the reward model: its
     backbone (or adapter) and its score head, so V(s_t) starts as the reward model's score of the prefix s_t.
     """
-    critic = _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config)
+    if plan is None:
+        plan = plan_for_run(args, isinstance(policy, PeftModel), launched_engine())
+    critic = _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config, plan)
     if not isinstance(value_model, ValueHeadModel):
         critic.accumulation_length = args.max_completion_length
     if args.activation_checkpointing and critic.adapter_name is None:
@@ -416,7 +423,7 @@ def checkpoint_activations(backbone: PreTrainedModel | PeftModel, checkpointing_
     )
 
 
-def _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config) -> ValueHeadModel:
+def _build_value_model(value_model, policy, reward_funcs, args, accelerator, quantization_config, plan):
     device = accelerator.device
     if isinstance(value_model, ValueHeadModel):
         return value_model.to(device)
@@ -427,13 +434,12 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
             f"value_model must be a path, a transformers/PEFT model or a ValueHeadModel; got {type(value_model)}."
         )
     reward_model = reward_model_of(reward_funcs, accelerator) if value_model is None else None
-    placement = place_critic(isinstance(policy, PeftModel), args.critic_shares_base, engine_shards_base())
-    if value_model is None and isinstance(policy, PeftModel) and args.critic_shares_base and engine_shards_base():
+    if value_model is None and plan.critic.reason == SHARDED_BASE:
         logger.warning(
-            f"{launched_engine()} shards the policy's base over the processes, so the critic cannot be an adapter on "
-            "it: it is a model of its own, whole on every process (critic_shares_base is ignored)."
+            f"{plan.engine} shards the policy's base over the processes, so the critic cannot be an adapter on it: it "
+            "is a model of its own, whole on every process (critic_shares_base is ignored)."
         )
-    elif value_model is None and placement.where == CRITIC_ON_POLICY_BASE:
+    elif value_model is None and plan.critic.base == POLICY_BASE:
         reward_source = shared_reward_source(reward_funcs)
         if reward_source is None and isinstance(reward_model, PeftModel) and shares_base_weights(policy, reward_model):
             reward_source = reward_model
@@ -446,7 +452,7 @@ def _build_value_model(value_model, policy, reward_funcs, args, accelerator, qua
     if isinstance(source, PeftModel):
         source = source.get_base_model()
     head_init = score_head_weight(reward_model) if reward_model is not None else None
-    if isinstance(policy, PeftModel) or isinstance(value_model, str) or engine_shards_base():
+    if isinstance(policy, PeftModel) or isinstance(value_model, str) or plan.base_is_sharded:
         # A quantized, adapter-trained or sharded policy: load the backbone afresh (whole, replicated on every
         # process) and give the critic its own LoRA
         with outside_zero3_init():

@@ -13,6 +13,8 @@ from accelerate.state import PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers.utils import logging
 
+from .placement import POLICY_BASE, engine_shards, plan_placement
+
 
 logger = logging.get_logger(__name__)
 FLOAT_DTYPES = ("bfloat16", "float16", "float32")
@@ -34,8 +36,7 @@ def launched_engine() -> str | None:
 
 def engine_shards_base() -> bool:
     """Whether the launched engine shards the policy's parameters over the processes (ZeRO-3, FSDP)."""
-    engine = launched_engine()
-    return engine is not None and (engine == "zero3" or engine.startswith("fsdp"))
+    return engine_shards(launched_engine())
 
 
 def engine_that_ran(accelerator) -> str | None:
@@ -113,19 +114,16 @@ def outside_zero3_init():
 
 
 def reward_sharing(reward_shares_base: bool | None) -> bool | None:
-    """`reward_shares_base` as the launched engine allows it: never on a base that ZeRO-3 or FSDP shards."""
-    if not engine_shards_base():
-        return reward_shares_base
-    if reward_shares_base is True:
-        raise ValueError(
-            f"reward_shares_base=True puts the reward adapter on the policy's base, which {launched_engine()} shards "
-            "over the processes; set reward_shares_base=None or False, or launch with the ddp or zero2 config."
-        )
-    return False
+    """`reward_shares_base` as the launched engine allows it: never on a base that ZeRO-3 or FSDP shards (the rule of
+    `placement.plan_placement`, which refuses True there)."""
+    plan = plan_placement(policy_is_peft=True, reward_shares_base=reward_shares_base, engine=launched_engine())
+    return reward_shares_base if plan.reward.base == POLICY_BASE else False
 
 
-def check_dequantize_for_engine(dequantize_for_inference: bool) -> None:
-    if dequantize_for_inference and engine_shards_base():
+def check_dequantize_for_engine(dequantize_for_inference: bool, plan=None) -> None:
+    """Refuse dequantize_for_inference on a base the engine shards (`plan`'s engine, else the launched one)."""
+    base_is_sharded = plan.base_is_sharded if plan is not None else engine_shards_base()
+    if dequantize_for_inference and base_is_sharded:
         raise ValueError(
             "dequantize_for_inference needs each process to hold whole 4-bit weights, but DeepSpeed ZeRO-3 or "
             "FSDP shards them; set `dequantize_for_inference: false` with these engines."

@@ -27,9 +27,10 @@ from .advantages import (
 from .checkpoints import ADAPTER_WEIGHTS, ResumableMixin, check_reinforce_checkpoint
 from .checks import check_enough_prompts, check_reinforce_inputs
 from .critic import CRITIC_ADAPTER, Critic, build_value_model
-from .engines import EngineMixin, check_dequantize_for_engine, outside_zero3_init, reward_sharing
+from .engines import EngineMixin, check_dequantize_for_engine, launched_engine, outside_zero3_init
 from .losses import clipped_surrogate_loss, reinforce_loss
 from .model_card import ModelCardMixin
+from .placement import PlacementPlan, plan_for_run
 from .reinforce_config import ReinforceConfig
 from .reward_models import as_scorer, policy_base_name, resolve_reward_models
 from .rollout import Rollout, RolloutMixin, cut_off, sequence_rewards
@@ -82,9 +83,11 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
     ):
         args = reinforce_config(model, args)
         check_reinforce_inputs(model, reward_funcs, value_model, train_dataset, eval_dataset, args)
-        check_dequantize_for_engine(args.dequantize_for_inference)
+        # Where each role sits, decided once before any model loads; refuses what the engine cannot place
+        plan = plan_for_run(args, isinstance(model, PeftModel) or peft_config is not None, launched_engine())
+        check_dequantize_for_engine(args.dequantize_for_inference, plan)
         policy_base = policy_base_name(model, peft_config)
-        sharing = None if policy_base is None else (policy_base, reward_sharing(args.reward_shares_base))
+        sharing = None if policy_base is None else (policy_base, args.reward_shares_base)
         with outside_zero3_init():  # a reward model is frozen and outside the engine: whole on every process
             reward_funcs, reward_processing_classes = resolve_reward_models(
                 reward_funcs,
@@ -93,6 +96,7 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
                 args.model_init_kwargs,
                 args.device,
                 sharing,
+                plan,
             )
         datasets = {"train_dataset": train_dataset, "eval_dataset": eval_dataset}
         tokenizers = {"processing_class": processing_class, "reward_processing_classes": reward_processing_classes}
@@ -100,12 +104,13 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         super().__init__(
             model, reward_funcs, args, callbacks=callbacks, optimizers=optimizers, **datasets, **tokenizers, **loading
         )
+        self.placement: PlacementPlan = plan
         policy = self.accelerator.unwrap_model(self.model)
         self.reward_funcs = [as_scorer(self, index, func, policy) for index, func in enumerate(self.reward_funcs)]
         self.critic = None
         if args.baseline == "critic":
             value_model = build_value_model(
-                value_model, self.model, self.reward_funcs, args, self.accelerator, quantization_config
+                value_model, self.model, self.reward_funcs, args, self.accelerator, quantization_config, plan
             )
             if args.disable_dropout:
                 disable_dropout_in_model(value_model)

@@ -25,12 +25,12 @@ from peft import PeftConfig, PeftModel, get_peft_model_state_dict, set_peft_mode
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from .engines import engine_shards_base
+from .engines import launched_engine
+from .placement import POLICY_BASE, REWARD_ADAPTER, PlacementPlan, plan_placement
 from .speedups.quantization import keep_4bit_layers_differentiable
 
 
 REWARD_TRAINING_FILE = "reward_training.json"
-REWARD_ADAPTER = "reward"
 # What must agree for two loads of a base to hold the same quantised weights
 QUANTIZATION_KEYS = (
     "load_in_4bit",
@@ -152,14 +152,21 @@ class SharedRewardAdapter:
 
 
 def resolve_reward_models(
-    reward_funcs, processing_classes, quantization_config, model_init_kwargs, device, share_with=None
+    reward_funcs,
+    processing_classes,
+    quantization_config,
+    model_init_kwargs,
+    device,
+    share_with=None,
+    plan: PlacementPlan | None = None,
 ):
     """Reward functions and processing classes with every reward adapter path loaded as it was trained and every
     `PeftModel` given its tokenizer (paths of full models are left for TRL, which loads them as they were saved).
 
     `share_with` is `(policy name or path, reward_shares_base)` when the policy will be a PEFT model: an adapter folder
     trained on that same base with the same quantization then becomes a `SharedRewardAdapter`, to be attached to the
-    policy's base instead of loading a second copy of it.
+    policy's base instead of loading a second copy of it, where `plan` (the trainer's `PlacementPlan`; else one made
+    from `reward_shares_base` and the launched engine) puts reward adapters there.
     """
     reward_funcs = list(reward_funcs) if isinstance(reward_funcs, list) else [reward_funcs]
     if processing_classes is None:
@@ -174,7 +181,7 @@ def resolve_reward_models(
         )
     for index, reward_func in enumerate(reward_funcs):
         if is_adapter_folder(reward_func):
-            if shares_policy_base(reward_func, quantization_config, share_with, index):
+            if shares_policy_base(reward_func, quantization_config, share_with, index, plan):
                 tokenizer = processing_classes[index] or adapter_tokenizer(reward_func)
                 reward_funcs[index] = SharedRewardAdapter(reward_func, tokenizer)
                 processing_classes[index] = None  # TRL passes plain functions no processing class
@@ -188,24 +195,27 @@ def resolve_reward_models(
     return reward_funcs, processing_classes
 
 
-def shares_policy_base(adapter_dir, quantization_config, share_with, index: int) -> bool:
-    """Apply `reward_shares_base`: None shares when possible, True requires it, False never shares."""
+def shares_policy_base(adapter_dir, quantization_config, share_with, index: int, plan=None) -> bool:
+    """Apply `reward_shares_base` through the placement plan: None shares when possible, True requires it, False
+    never shares."""
     if share_with is None:
-        wanted = False
-        possible, why = False, "the policy is not a PEFT model (give a `peft_config`)"
-    else:
-        policy, wanted = share_with
-        same = same_base(adapter_dir, policy)
-        recorded = training_quantization(adapter_dir, quantization_config)
-        quantized_alike = same_quantization(recorded, quantization_config)
-        possible = same and quantized_alike
-        why = "it was trained on another base" if not same else "its base was quantised otherwise than the policy's"
-    if wanted is True and not possible:
-        raise ValueError(
-            f"reward_shares_base=True, but the reward adapter reward_funcs[{index}]={str(adapter_dir)!r} cannot sit "
-            f"on the policy's base: {why}. Set reward_shares_base=None (share when possible) or False."
-        )
-    return possible and wanted is not False
+        return False  # the policy is not a PEFT model (give a `peft_config`)
+    policy, reward_shares_base = share_with
+    if plan is None:
+        plan = plan_placement(policy_is_peft=True, reward_shares_base=reward_shares_base, engine=launched_engine())
+    fits, why = reward_adapter_fits(adapter_dir, policy, quantization_config)
+    plan.check_reward_fits(fits, why, f"reward_funcs[{index}]={str(adapter_dir)!r}")
+    return plan.reward_joins(fits)
+
+
+def reward_adapter_fits(adapter_dir, policy_name_or_path, quantization_config) -> tuple[bool, str]:
+    """Whether a reward adapter folder can sit on the policy's base loaded with `quantization_config`: trained on that
+    base checkpoint, quantised alike (as `reward_training.json` records; else taken to be); and why not."""
+    if not same_base(adapter_dir, policy_name_or_path):
+        return False, "it was trained on another base"
+    if not same_quantization(training_quantization(adapter_dir, quantization_config), quantization_config):
+        return False, "its base was quantised otherwise than the policy's"
+    return True, ""
 
 
 def adapter_tokenizer(adapter_dir):
@@ -365,27 +375,37 @@ def shares_base_weights(model_a, model_b) -> bool:
     return embeddings_a.shape == embeddings_b.shape and torch.equal(embeddings_a.cpu(), embeddings_b.cpu())
 
 
-def joins_policy_base(reward_func, policy, reward_shares_base: bool | None, base_is_sharded: bool) -> bool:
-    """A loaded reward `PeftModel` on the policy's own base weights, quantised alike, unless told otherwise."""
-    if reward_shares_base is False or base_is_sharded or not isinstance(policy, PeftModel):
+def joins_policy_base(
+    reward_func, policy, reward_shares_base: bool | None, base_is_sharded: bool, plan: PlacementPlan | None = None
+) -> bool:
+    """A loaded reward `PeftModel` on the policy's own base weights, quantised alike, where the placement plan (made
+    from `reward_shares_base` and `base_is_sharded` when not given) puts reward adapters on the policy's base."""
+    if plan is None:
+        engine = "zero3" if base_is_sharded else None  # any engine that shards the base places alike
+        plan = plan_placement(
+            policy_is_peft=isinstance(policy, PeftModel), reward_shares_base=reward_shares_base, engine=engine
+        )
+    if plan.reward.base != POLICY_BASE or not isinstance(policy, PeftModel) or not isinstance(reward_func, PeftModel):
         return False
-    if not isinstance(reward_func, PeftModel) or not shares_base_weights(policy, reward_func):
+    if not shares_base_weights(policy, reward_func):
         return False
     bases = (policy.get_base_model(), reward_func.get_base_model())
-    return same_quantization(*(getattr(base.config, "quantization_config", None) for base in bases))
+    return plan.reward_joins(same_quantization(*(getattr(base.config, "quantization_config", None) for base in bases)))
 
 
 def as_scorer(trainer, index: int, reward_func, policy):
     """Reward function `index` of a `ReinforceTrainer` as it scores: a reward model scores texts as `RewardTrainer`
     trained it on them, never a cut-off completion as if it had ended, and a reward adapter trained on the policy's
-    base joins it there rather than holding a second copy of the base. Other reward functions are left as they are."""
+    base joins it there (where the trainer's `placement` plan puts reward adapters) rather than holding a second copy
+    of the base. Other reward functions are left as they are."""
     settings = {
         "eos_token_ids": trainer.eos_token_ids,
         "name": trainer.reward_func_names[index],
         "batch_size": trainer.args.per_device_train_batch_size,
     }
     shared = isinstance(reward_func, SharedRewardAdapter)
-    if shared or joins_policy_base(reward_func, policy, trainer.args.reward_shares_base, engine_shards_base()):
+    plan = trainer.placement
+    if shared or joins_policy_base(reward_func, policy, trainer.args.reward_shares_base, plan.base_is_sharded, plan):
         source = reward_func.adapter_dir if shared else reward_func
         tokenizer = (reward_func.tokenizer if shared else None) or trainer.reward_processing_classes[index]
         return SharedBaseRewardScorer(policy, source, tokenizer, **settings)

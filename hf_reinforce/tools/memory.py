@@ -16,6 +16,8 @@ Nothing is loaded: every component is a closed-form count of the tensors that `R
   scores the completion tokens in tiles of at most 4096 tokens x 32768 vocabulary entries (`fused_head_bytes`).
 * **Generation**: the KV cache of the whole generation batch (per_device_train_batch_size x steps_per_generation
   completions are generated at once), the prefill's working set and the sampling distribution.
+* **Layout**: which base each role sits on (`critic`, `reward_model`, `reference`) comes from the trainer's own
+  `placement.plan_placement`, for a recipe (`recipe_placement`) and for each compared layout (`with_layout`).
 * **Phases**: the step runs generation, reward scoring, the no-grad log-probability passes (rollout and reference),
   the critic's update and the policy's update one after the other. A component is alive in some of them; the peak is
   the largest phase total, and a fixed CUDA overhead is added on top.
@@ -39,7 +41,7 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from ..placement import critic_layer_indices, layer_of
+from ..placement import POLICY_BASE, PlacementPlan, critic_layer_indices, layer_of, plan_placement
 
 
 GiB = 2**30
@@ -254,19 +256,62 @@ class TrainingSetup:
         return 2 if self.quantization == "4bit" and self.autocast else 4
 
 
+# The `plan_placement` inputs of our layouts, each with a reward adapter trained on the policy's base, quantised alike
+# (trl.RLOOTrainer places its models as ours without a critic and without sharing the reward model's base)
+PLANNED_LAYOUTS = {
+    "rloo": {"critic": False, "reward_shares_base": False},
+    "shared-critic": {"reward_shares_base": False},
+    "one-base": {"reward_shares_base": True},
+    "separate-critic": {"critic_shares_base": False, "reward_shares_base": False},
+}
+
+
+def layout_of(plan: PlacementPlan, reward_fits: bool | None) -> dict[str, str]:
+    """The estimate's `critic`, `reward_model` and `reference` for a placement plan; `reward_fits` is None without a
+    reward model, else whether the reward adapter was trained on the policy's base, quantised alike."""
+    critic = "none" if plan.critic is None else "shared" if plan.critic.base == POLICY_BASE else "separate"
+    reference = "none" if plan.reference is None else "adapters" if plan.reference.base == POLICY_BASE else "separate"
+    reward = "function" if reward_fits is None else "shared" if plan.reward_joins(reward_fits) else "separate"
+    return {"critic": critic, "reward_model": reward, "reference": reference}
+
+
 def with_layout(setup: TrainingSetup, layout: str) -> TrainingSetup:
     """`setup` with the models arranged as one of `LAYOUTS` (everything else unchanged)."""
-    arrangements = {
-        "rloo": {"critic": "none", "reward_model": "separate", "reference": "adapters"},
-        "shared-critic": {"critic": "shared", "reward_model": "separate", "reference": "adapters"},
-        "one-base": {"critic": "shared", "reward_model": "shared", "reference": "adapters"},
-        "separate-critic": {"critic": "separate", "reward_model": "separate", "reference": "adapters"},
-        "ppo": {"quantization": "none", "critic": "separate", "reward_model": "separate", "reference": "separate"},
-    }
-    if layout not in arrangements:
-        raise ValueError(f"layout={layout!r} is not one of {', '.join(arrangements)}.")
+    if layout == "ppo":  # not a layout of ours: every model whole and of its own
+        arrangement = {"quantization": "none", **dict.fromkeys(("critic", "reward_model", "reference"), "separate")}
+    elif layout in PLANNED_LAYOUTS:
+        arrangement = layout_of(plan_placement(policy_is_peft=True, **PLANNED_LAYOUTS[layout]), reward_fits=True)
+    else:
+        raise ValueError(f"layout={layout!r} is not one of {', '.join(LAYOUTS)}.")
     trainer = "rloo" if layout == "rloo" else "reinforce"
-    return dataclasses.replace(setup, trainer=trainer, **arrangements[layout])
+    return dataclasses.replace(setup, trainer=trainer, **arrangement)
+
+
+def recipe_placement(recipe: dict, engine: str | None = None) -> tuple[PlacementPlan, bool | None]:
+    """The placement plan of a reinforce recipe (a YAML file's dict), as the trainer makes it, launched under `engine`
+    (see `engines.launched_engine`), and whether its reward adapter fits the policy's base (None without a reward
+    model; False when it is not on disk to read)."""
+    plan = plan_placement(
+        policy_is_peft=bool(recipe.get("use_peft", False)),
+        critic=recipe.get("baseline", "critic") == "critic",
+        critic_shares_base=recipe.get("critic_shares_base", True),
+        reward_shares_base=recipe.get("reward_shares_base"),
+        reference=recipe.get("beta", 0.05) != 0,
+        engine=engine,
+    )
+    reward = recipe.get("reward_model_name_or_path")
+    if not reward:
+        return plan, None
+    if not (Path(reward) / "adapter_config.json").is_file():
+        return plan, False
+    from trl import ModelConfig, get_quantization_config  # only here: reading an adapter needs torch
+
+    from ..reward_models import reward_adapter_fits
+
+    model_fields = {field.name for field in dataclasses.fields(ModelConfig)}
+    model_args = ModelConfig(**{key: value for key, value in recipe.items() if key in model_fields})
+    fits, _ = reward_adapter_fits(reward, recipe.get("model_name_or_path"), get_quantization_config(model_args))
+    return plan, fits
 
 
 # ---- weights ----
@@ -647,10 +692,12 @@ def _base_note(quantized: bool) -> str:
 
 
 # ---- recipes ----
-def setup_from_recipe(recipe: dict, **overrides) -> tuple[str | None, TrainingSetup, list[str]]:
+def setup_from_recipe(
+    recipe: dict, engine: str | None = None, **overrides
+) -> tuple[str | None, TrainingSetup, list[str]]:
     """model_name_or_path (None when the recipe has none), the `TrainingSetup` of a reinforce recipe (a YAML file's
     dict) with `overrides` applied, and notes on what the estimate assumed. Fields the recipe leaves out take the
-    trainer's defaults."""
+    trainer's defaults; the models sit where the trainer puts them (`recipe_placement`), launched under `engine`."""
     if recipe.get("load_in_8bit"):
         raise ValueError(
             "The recipe sets load_in_8bit; the estimate models 4-bit (load_in_4bit) or unquantized bases."
@@ -678,10 +725,8 @@ def setup_from_recipe(recipe: dict, **overrides) -> tuple[str | None, TrainingSe
         "double_quant": bool(recipe.get("use_bnb_nested_quant", False)),
         "dtype": dtype if dtype in DTYPE_BYTES else "bfloat16",
         "activation_checkpointing": bool(checkpointing),
-        "critic": _recipe_critic(recipe),
         "critic_layers": recipe.get("critic_layers"),
-        "reward_model": "separate" if recipe.get("reward_model_name_or_path") else "function",
-        "reference": "none" if recipe.get("beta", 0.05) == 0 else "adapters",
+        **layout_of(*recipe_placement(recipe, engine)),
         "device": "cpu" if recipe.get("use_cpu") else "cuda",
         "dequantize_for_inference": bool(recipe.get("dequantize_for_inference", False)),
     }
@@ -691,12 +736,6 @@ def setup_from_recipe(recipe: dict, **overrides) -> tuple[str | None, TrainingSe
         fields["critic_layers"], note = _warm_started_critic_layers(recipe, fields)
         notes += [note] if note else []
     return recipe.get("model_name_or_path"), TrainingSetup(**fields), notes
-
-
-def _recipe_critic(recipe: dict) -> str:
-    if recipe.get("baseline", "critic") != "critic":
-        return "none"
-    return "shared" if recipe.get("critic_shares_base", True) else "separate"
 
 
 def _warm_started_critic_layers(recipe: dict, fields: dict) -> tuple[int | None, str]:

@@ -3,7 +3,9 @@ The tiny REINFORCE recipe launched on two CPU processes (gloo) under each engine
 with the critic and the reward model as adapters on the policy's 4-bit base, DeepSpeed ZeRO-2 (the same one-base
 layout) and ZeRO-3 and FSDP2 (which shard the base, so the critic is a model of its own). Each run must exit 0, run
 the engine its config names, and end with the same policy and critic on both processes (sharded weights are gathered
-first). A greedy two-process DDP run must also end where a one-process run with the same global batch ends.
+first). Under ZeRO-3, a critic of its own built from a backbone (not a reward adapter) carries LoRA on the very modules
+the policy's targets name, here given as full module names. A greedy two-process DDP run must also end where a
+one-process run with the same global batch ends.
 
 The ZeRO runs need DeepSpeed (in the `dev` and `deepspeed` extras) and are skipped without it.
 """
@@ -58,6 +60,14 @@ def is_sharded(parameter):
     return hasattr(parameter, "ds_id") and parameter.ds_tensor.numel() < parameter.ds_numel
 
 
+def lora_modules(model, adapter_name):
+    # the modules holding LoRA weights of `adapter_name`, named from their decoder layer on (`layers.0.mlp.up_proj`)
+    from peft.tuners.lora import LoraLayer
+
+    names = [n for n, m in model.named_modules() if isinstance(m, LoraLayer) and adapter_name in m.lora_A]
+    return sorted(name[name.index("layers."):] for name in names)
+
+
 def dump_then_finish(trainer, training_args, dataset_name, saved_what):
     critic = trainer.critic.model
     critic_ids = {id(p) for p in critic.trainable_parameters()}
@@ -72,6 +82,8 @@ def dump_then_finish(trainer, training_args, dataset_name, saved_what):
         "policy_sharded": any(is_sharded(p) for p in trainer.model.parameters()),
         "critic_shares_base": critic.adapter_name is not None,
         "steps": trainer.state.global_step,
+        "policy_lora": lora_modules(trainer.model, "default"),
+        "critic_lora": lora_modules(critic.backbone, critic.adapter_name or "default"),
     }
     with open(f"{training_args.output_dir}/rank{rank}.json", "w") as file:
         json.dump(report, file)
@@ -83,6 +95,10 @@ reinforce.main(*reinforce.make_parser().parse_args_and_config(sys.argv[1:]))
 """
 # Rollouts that cannot differ between the runs: greedy, one per prompt, all of the same length.
 GREEDY = ("--num_generations", "1", "--generation_kwargs", '{"do_sample": false, "min_new_tokens": 12}')
+# The tiny policy's attention queries and values, as full module names (they do not exist on the critic's bare decoder)
+FULL_NAMES = tuple(f"model.layers.{layer}.self_attn.{name}_proj" for layer in range(2) for name in "qv")
+OWN_CRITIC_FROM_POLICY = ("--load_in_4bit", "false", "--critic_shares_base", "false", "--value_model_name_or_path",
+                          "outputs/tiny/tiny-llama")  # fmt: skip
 # (accelerate config, flags): the recipe as it stands (its critic shares the policy's base where the engine allows it),
 # with a critic of its own, with full-precision weights, or with 4-bit weights stored as FSDP shards them.
 ENGINE_RUNS = {
@@ -91,6 +107,8 @@ ENGINE_RUNS = {
     "zero2": ("zero2", ()),
     "zero2_own_critic": ("zero2", ("--critic_shares_base", "false")),
     "zero3": ("zero3", ("--load_in_4bit", "false")),
+    # a critic of its own from the policy's backbone (not the reward adapter), with the policy's targets mapped onto it
+    "zero3_own_critic_full_names": ("zero3", (*OWN_CRITIC_FROM_POLICY, "--lora_target_modules", *FULL_NAMES)),
     "fsdp2": ("fsdp2", ("--load_in_4bit", "false")),
     "fsdp2_qlora": ("fsdp2", ("--bnb_4bit_quant_storage", "float32")),
 }
@@ -101,6 +119,7 @@ EXPECTED = {
     "zero2": ("DEEPSPEED", "zero2", False, True),
     "zero2_own_critic": ("DEEPSPEED", "zero2", False, False),
     "zero3": ("DEEPSPEED", "zero3", True, False),
+    "zero3_own_critic_full_names": ("DEEPSPEED", "zero3", True, False),
     "fsdp2": ("FSDP", "fsdp2", True, False),
     "fsdp2_qlora": ("FSDP", "fsdp2", True, False),
 }
@@ -176,6 +195,10 @@ def test_engine_runs_and_ranks_agree(tiny_workdir, engine):
         assert f"(DistributedType.{distributed_type})" in output
     reports = [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
+        policy_lora, critic_lora = report.pop("policy_lora"), report.pop("critic_lora")
+        assert policy_lora and critic_lora
+        if engine == "zero3_own_critic_full_names":
+            assert critic_lora == policy_lora == [name.removeprefix("model.") for name in FULL_NAMES]
         assert report == {
             "engine": engine_name, "policy_sharded": sharded, "critic_shares_base": shares_base, "steps": STEPS,
         }  # fmt: skip

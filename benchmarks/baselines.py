@@ -8,18 +8,24 @@ Every arm fine-tunes the same pretrained tiny language model (the demo's: a 2-la
 synthetic sentences) with the same prompts, learning rate and number of sampled completions per step, and is scored
 every few steps by the gold reward of its completions on held-out prompts. Arms: `none`, `mean`, `rloo` (4
 completions per prompt), `critic-4`, `critic-1` (`baseline="critic"` with 4 or 1 completions per prompt, default
-critic settings) and `trl-rloo` (`trl.RLOOTrainer`, 4 completions per prompt). Tasks:
+critic settings), `critic-w0` (the isolated ablation: `critic-4` with the critic's weight held at 0), `otb` (the
+optimal token baseline, 4 per prompt) and `trl-rloo` (`trl.RLOOTrainer`, 4 completions per prompt); the arms other
+than `critic-4` and `trl-rloo` are those of `hf_reinforce.examples.arms`. Tasks:
 
 - `count`: the demo's task. Completions of up to 24 characters; the gold reward is the number of letters `a`.
 - `prompt_level`: prompts differ strongly in attainable reward: the count of `a` in the completion plus 3 times that
   of the prompt (centred so that the prompts' levels average 0); the policy controls only the first part.
 - `token_credit`: a reward paid token by token over long completions: each of exactly 32 characters earns +1 if it
   is `a` and −1 if it is `e`, so the credit of a token is its own payment, not the whole sequence's.
+- `keyword`: not a count, and each prompt has its own attainable reward: a level set by the prompt plus a prompt's own
+  scale (1, 2 or 3) if the completion holds the word `sea`, else 0. A critic must learn the prompt's level and scale
+  and whether the word was written yet; with one completion per prompt nothing else tells them apart.
 
 Reported per task and arm: the held-out gold reward against samples (mean and seed spread), samples to the target
 (80 % of the best arm's final held-out reward, on the seed-mean curve and per seed), and the critic's explained
 variance. The enumerable-toy part gives the per-sample variance of the policy gradient for each baseline against
-the exact-value limit. Results go to `--output_dir` (one JSON per run, resumable) and a table and PNG at the end.
+the exact-value limit. Results go to `--output_dir` (one JSON per run) and a table and PNG at the end; every run is
+trained anew unless `--reuse` is given, which takes a run's JSON only when it was made with the same settings.
 """
 
 import argparse
@@ -36,8 +42,11 @@ from pathlib import Path
 
 
 RESULTS_DIR = "outputs/benchmarks/baselines"
-ARMS = ("none", "mean", "rloo", "critic-4", "critic-1", "trl-rloo")
-TASKS = ("count", "prompt_level", "token_credit")
+# The critic-4 arm is the default critic with four completions per prompt; the rest are the package's named arms
+ARM_FIELDS = {"critic-4": {"baseline": "critic"}}
+ARMS = ("none", "mean", "rloo", "critic-4", "critic-1", "critic-w0", "otb", "trl-rloo")
+TASKS = ("count", "prompt_level", "token_credit", "keyword")
+KEYWORD = "sea"
 COMPLETIONS_PER_STEP = 32
 PROMPT_LEVEL_WEIGHT = 3.0
 
@@ -76,6 +85,20 @@ def make_prompt_level_reward(mean_level: float):
     return prompt_level_reward
 
 
+def keyword_level(prompt: str) -> float:
+    """The level a `keyword` prompt sets, whatever the completion: one of −3, −1.5, 0, 1.5, 3."""
+    return PROMPT_LEVEL_WEIGHT * (sum(map(ord, prompt)) % 5 - 2) / 2
+
+
+def keyword_scale(prompt: str) -> float:
+    """What the keyword is worth after a `keyword` prompt: 1, 2 or 3."""
+    return 1.0 + len(prompt) % 3
+
+
+def keyword_reward(prompts, completions, **kwargs) -> list[float]:
+    return [keyword_level(p) + keyword_scale(p) * (KEYWORD in c.split()) for p, c in zip(prompts, completions)]
+
+
 def task_spec(task: str, train_prompts: list[str]) -> dict:
     """Reward function and generation settings of a task."""
     if task == "count":
@@ -89,6 +112,8 @@ def task_spec(task: str, train_prompts: list[str]) -> dict:
         }
     if task == "token_credit":
         return {"reward": token_payments, "max_completion_length": 32, "generation_kwargs": {"min_new_tokens": 32}}
+    if task == "keyword":
+        return {"reward": keyword_reward, "max_completion_length": 24, "generation_kwargs": {}}
     raise ValueError(f"unknown task {task!r}")
 
 
@@ -104,6 +129,7 @@ def run_arm(job: dict) -> dict:
     from trl import RLOOConfig, RLOOTrainer
 
     from hf_reinforce import ReinforceConfig, ReinforceTrainer
+    from hf_reinforce.examples.arms import ARMS as NAMED_ARMS
 
     transformers.logging.set_verbosity_error()
     settings = Settings(**job["settings"])
@@ -145,11 +171,10 @@ def run_arm(job: dict) -> dict:
                 curve.append((state.global_step * COMPLETIONS_PER_STEP, *held_out_reward(model)))
 
     arm = job["arm"]
-    num_generations = 1 if arm == "critic-1" else 4
     common = {
         "output_dir": job["output_dir"],
         "per_device_train_batch_size": COMPLETIONS_PER_STEP,
-        "num_generations": num_generations,
+        "num_generations": 4,
         "max_completion_length": spec["max_completion_length"],
         "generation_kwargs": spec["generation_kwargs"] or None,
         "temperature": 1.0,
@@ -170,8 +195,8 @@ def run_arm(job: dict) -> dict:
     if arm == "trl-rloo":
         trainer_cls, args = RLOOTrainer, RLOOConfig(**common)
     else:
-        baseline = arm.split("-")[0]
-        trainer_cls, args = ReinforceTrainer, ReinforceConfig(baseline=baseline, **common, **job["critic_settings"])
+        fields = {**common, **(ARM_FIELDS[arm] if arm == "critic-4" else NAMED_ARMS[arm]), **job["critic_settings"]}
+        trainer_cls, args = ReinforceTrainer, ReinforceConfig(**fields)
     dataset = Dataset.from_dict({"prompt": job["train_prompts"]})
     trainer = trainer_cls(
         model=policy, reward_funcs=spec["reward"], args=args, train_dataset=dataset, processing_class=tokenizer
@@ -193,11 +218,18 @@ def run_arm(job: dict) -> dict:
 
 
 def run_and_save(job: dict) -> dict:
+    """Train one run and write its JSON; with `job["reuse"]`, an earlier JSON of the same job (same settings, prompts
+    and model) is taken instead, and said so."""
     path = Path(job["result_path"])
-    if path.exists():
-        return json.loads(path.read_text())
+    fingerprint = {key: value for key, value in job.items() if key not in ("result_path", "reuse")}
+    if job["reuse"] and path.exists():
+        result = json.loads(path.read_text())
+        if result.get("job") == fingerprint:
+            print(f"{job['task']:>13} {job['arm']:>9} seed {job['seed']}: reused {path}", flush=True)
+            return result
+        print(f"{job['task']:>13} {job['arm']:>9} seed {job['seed']}: {path} has other settings, run anew", flush=True)
     with tempfile.TemporaryDirectory() as output_dir:
-        result = run_arm({**job, "output_dir": output_dir})
+        result = {**run_arm({**job, "output_dir": output_dir}), "job": fingerprint}
     path.write_text(json.dumps(result) + "\n")
     final = result["curve"][-1][1]
     print(f"{job['task']:>13} {job['arm']:>9} seed {job['seed']}: {final:.2f} ({result['seconds']:.0f} s)", flush=True)
@@ -438,6 +470,15 @@ def check_claims(summary: dict) -> list[tuple[str, str, bool]]:
         claims.append(
             ("token_credit: the best critic arm needs <= 0.8x rloo's samples", format_ratio(best), best <= 0.8)
         )
+    for task in summary:
+        if {"critic-4", "critic-w0"} <= set(summary[task]["arms"]):
+            ratio = ratio_to(arm(task, "critic-4")["samples_to_target"], arm(task, "critic-w0")["samples_to_target"])
+            claims.append(
+                (f"{task}: critic-4 needs no more samples than its isolated ablation", format_ratio(ratio), ratio <= 1)
+            )
+    if "keyword" in summary:
+        ratio = arm("keyword", "critic-1").get("vs_rloo", math.nan)
+        claims.append(("keyword: critic-1 needs <= 1.1x rloo's samples", format_ratio(ratio), ratio <= 1.1))
     if "prompt_level" in summary:
         ratio = arm("prompt_level", "critic-1").get("vs_rloo", math.nan)
         claims.append(("prompt_level: critic-1 needs <= 1.2x rloo's samples", format_ratio(ratio), ratio <= 1.2))
@@ -479,6 +520,9 @@ def main():
     parser.add_argument("--eval_every", type=int, default=None)
     parser.add_argument("--beta", type=float, default=None)
     parser.add_argument("--skip_toy", action="store_true", help="leave out the enumerable-toy gradient variance")
+    parser.add_argument(
+        "--reuse", action="store_true", help="take the JSON of a run already in --output_dir with the same settings"
+    )
     args = parser.parse_args()
     settings = FULL if args.full else QUICK
     if args.learning_rate is not None:
@@ -498,6 +542,8 @@ def main():
         for task in args.tasks:
             for arm in args.arms:
                 critic_settings = json.loads(args.critic) if arm.startswith("critic") else {}
+                if arm == "critic-w0":  # the ablation holds w at 0 whatever the overrides say
+                    critic_settings = {**critic_settings, "critic_weight": 0.0}
                 jobs.append(
                     {
                         "task": task,
@@ -509,6 +555,7 @@ def main():
                         "train_prompts": train_prompts,
                         "eval_prompts": eval_prompts[: settings.eval_prompts],
                         "result_path": str(output_dir / f"{task}-{arm}-{seed}.json"),
+                        "reuse": args.reuse,
                     }
                 )
     started = time.perf_counter()

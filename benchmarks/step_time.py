@@ -2,6 +2,7 @@
 
     python benchmarks/step_time.py                       # about 24 M parameters, 3 interleaved repeats
     python benchmarks/step_time.py --hidden_size 256 --num_layers 4 --steps 30
+    python benchmarks/step_time.py --configurations "ReinforceTrainer critic, QLoRA, reward adapter (README setup)"
 
 Every configuration trains the same random-weight Llama (saved to a temporary folder, no download) on the same
 prompts with the same generation settings, every completion forced to full length. Configurations run one after the
@@ -21,15 +22,15 @@ import time
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 from trl import RLOOConfig, RLOOTrainer
 
-from hf_reinforce import ReinforceConfig, ReinforceTrainer
+from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
 from hf_reinforce.critic import Critic
 from hf_reinforce.scripts import cpu_threads_per_process
 from hf_reinforce.speedups.dequantized import cached_tensors
-from hf_reinforce.testing import save_tiny_models
+from hf_reinforce.testing import make_preference_dataset, save_tiny_models
 
 
 def count_a(completions, **kwargs):
@@ -69,7 +70,8 @@ class PhaseTimer:
     PHASES = {
         "generation": (RLOOTrainer, "_generate"),
         "log-prob passes": (RLOOTrainer, "_get_per_token_logps_and_entropies"),
-        "critic update": (Critic, "fit"),
+        "critic update": (Critic, "first_pass"),
+        "critic optimizer steps": (Critic, "update"),
         "step": (RLOOTrainer, "training_step"),
     }
 
@@ -100,26 +102,63 @@ class PhaseTimer:
 
     def per_step(self, steps: int) -> dict[str, float]:
         seconds = {phase: self.seconds[phase] / steps for phase in ("generation", "log-prob passes", "critic update")}
+        seconds["critic update"] += self.seconds["critic optimizer steps"] / steps
         seconds["policy update and the rest"] = self.seconds["step"] / steps - sum(seconds.values())
         return seconds
 
 
-def run(name: str, paths: dict, steps: int, qlora: bool, **config) -> dict:
+NF4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def train_reward_adapter(paths: dict, directory: str) -> str:
+    """A QLoRA reward adapter on the policy's 4-bit base (two steps: its time matters here, not its scores)."""
+    pairs = make_preference_dataset(32)
+    args = RewardConfig(
+        output_dir=directory,
+        max_steps=2,
+        per_device_train_batch_size=16,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+    )
+    peft_config = LoraConfig(task_type="SEQ_CLS", r=16, lora_alpha=32, target_modules=LORA_TARGETS)
+    trainer = RewardTrainer(
+        model=paths["policy"], args=args, train_dataset=pairs, quantization_config=NF4, peft_config=peft_config
+    )
+    trainer.train()
+    trainer.save_model(directory)
+    return directory
+
+
+def reward_funcs(reward: str, paths: dict, trl: bool) -> dict:
+    """The reward as each trainer takes it: `count_a`, or the reward adapter (its folder for ReinforceTrainer, which
+    puts it on the policy's base; the loaded 4-bit model with its adapter for trl.RLOOTrainer)."""
+    if reward == "count_a":
+        return {"reward_funcs": count_a}
+    if not trl:
+        return {"reward_funcs": paths["reward_adapter"]}
+    base = AutoModelForSequenceClassification.from_pretrained(paths["policy"], num_labels=1, quantization_config=NF4)
+    model = PeftModel.from_pretrained(base, paths["reward_adapter"]).eval()
+    return {"reward_funcs": model, "reward_processing_classes": AutoTokenizer.from_pretrained(paths["policy"])}
+
+
+def run(name: str, paths: dict, steps: int, qlora: bool, reward: str, **config) -> dict:
     with tempfile.TemporaryDirectory() as output_dir, PhaseTimer() as timer:
         kwargs = {}
         if qlora:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
-            )
-            kwargs["peft_config"] = LoraConfig(
-                r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]
-            )
-        if name.startswith("trl"):
+            kwargs["quantization_config"] = NF4
+            kwargs["peft_config"] = LoraConfig(r=16, lora_alpha=32, target_modules=LORA_TARGETS)
+        trl = name.startswith("trl")
+        if trl:
             trainer_cls, args = RLOOTrainer, RLOOConfig(**{**common_settings(output_dir, steps), **config})
         else:
             trainer_cls, args = ReinforceTrainer, ReinforceConfig(**{**common_settings(output_dir, steps), **config})
         dataset = Dataset.from_dict({"prompt": ["the cat ", "a dog ", "an apple ", "one bee "] * 64})
-        trainer = trainer_cls(model=paths["policy"], reward_funcs=count_a, args=args, train_dataset=dataset, **kwargs)
+        kwargs.update(reward_funcs(reward, paths, trl))
+        trainer = trainer_cls(model=paths["policy"], args=args, train_dataset=dataset, **kwargs)
         trainer.train()
         step_times = [entry["step_time"] for entry in trainer.state.log_history if "step_time" in entry]
         return {
@@ -129,29 +168,52 @@ def run(name: str, paths: dict, steps: int, qlora: bool, **config) -> dict:
         }
 
 
+# The setup the README and the SmolLM2 recipes give: the critic copied from a reward adapter on the policy's 4-bit
+# base (every layer the adapter trained), the reward model on that base too, dequantised passes, inverse-CDF draws
+HEADLINE = {
+    "baseline": "critic",
+    "critic_shares_base": True,
+    "dequantize_for_inference": True,
+    "inverse_cdf_sampling": True,
+}
 CONFIGURATIONS = {
-    # name: (qlora, extra config)
-    "trl RLOOTrainer": (False, {}),
-    "ReinforceTrainer rloo": (False, {"baseline": "rloo"}),
-    "ReinforceTrainer critic": (False, {"baseline": "critic"}),
-    "trl RLOOTrainer, beta=0": (False, {"beta": 0.0}),
-    "ReinforceTrainer rloo, beta=0": (False, {"baseline": "rloo", "beta": 0.0}),
-    "ReinforceTrainer critic, beta=0": (False, {"baseline": "critic", "beta": 0.0}),
-    "trl RLOOTrainer, QLoRA": (True, {}),
-    "ReinforceTrainer critic, QLoRA shared base": (True, {"baseline": "critic", "critic_shares_base": True}),
+    # name: (qlora, reward, extra config)
+    "trl RLOOTrainer": (False, "count_a", {}),
+    "ReinforceTrainer rloo": (False, "count_a", {"baseline": "rloo"}),
+    "ReinforceTrainer critic": (False, "count_a", {"baseline": "critic"}),
+    "trl RLOOTrainer, beta=0": (False, "count_a", {"beta": 0.0}),
+    "ReinforceTrainer rloo, beta=0": (False, "count_a", {"baseline": "rloo", "beta": 0.0}),
+    "ReinforceTrainer critic, beta=0": (False, "count_a", {"baseline": "critic", "beta": 0.0}),
+    "trl RLOOTrainer, QLoRA": (True, "count_a", {}),
+    "ReinforceTrainer critic, QLoRA shared base": (
+        True,
+        "count_a",
+        {"baseline": "critic", "critic_shares_base": True},
+    ),
     "ReinforceTrainer critic, QLoRA shared base, all layers": (
         True,
+        "count_a",
         {"baseline": "critic", "critic_shares_base": True, "critic_layers": 0},
     ),
-    "ReinforceTrainer critic, QLoRA separate critic": (True, {"baseline": "critic", "critic_shares_base": False}),
+    "ReinforceTrainer critic, QLoRA separate critic": (
+        True,
+        "count_a",
+        {"baseline": "critic", "critic_shares_base": False},
+    ),
     "ReinforceTrainer critic, QLoRA shared base, dequantized inference": (
         True,
+        "count_a",
         {"baseline": "critic", "critic_shares_base": True, "dequantize_for_inference": True},
     ),
+    "trl RLOOTrainer, QLoRA, reward adapter": (True, "adapter", {}),
+    "ReinforceTrainer rloo, QLoRA, reward adapter": (True, "adapter", {"baseline": "rloo"}),
+    "ReinforceTrainer critic, QLoRA, reward adapter (README setup)": (True, "adapter", HEADLINE),
 }
 
 
 def reference_for(name: str) -> str:
+    if "reward adapter" in name:
+        return "trl RLOOTrainer, QLoRA, reward adapter"
     if "QLoRA" in name:
         return "trl RLOOTrainer, QLoRA"
     return "trl RLOOTrainer, beta=0" if "beta=0" in name else "trl RLOOTrainer"
@@ -179,12 +241,14 @@ def main():
             num_attention_heads=8,
             num_key_value_heads=4,
         )
+        if any(CONFIGURATIONS[name][1] == "adapter" for name in configurations):
+            paths["reward_adapter"] = train_reward_adapter(paths, f"{model_dir}/reward-adapter")
         num_parameters = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(paths["policy"]).parameters())
         runs = collections.defaultdict(list)
         for _ in range(args.repeats):
             for name in configurations:
-                qlora, config = CONFIGURATIONS[name]
-                runs[name].append(run(name, paths, args.steps, qlora, **config))
+                qlora, reward, config = CONFIGURATIONS[name]
+                runs[name].append(run(name, paths, args.steps, qlora, reward, **config))
     print(f"machine: {platform.platform()}, {args.threads} torch threads, torch {torch.__version__}")
     print(
         f"setup: Llama hidden {args.hidden_size}, {args.num_layers} layers, {num_parameters / 1e6:.1f} M parameters; "

@@ -45,8 +45,11 @@ class ReinforceConfig(RLOOConfig):
               completions of the same prompt, or the rest of the batch when `num_generations=1`; a completion shorter
               than `t` stands in with its last token's `G − w·V`, an unscorable one is left out. `w` is the
               least-squares slope through 0 of `G_t^i − mean_{j≠i} G_t^j` on `V(s_t^i) − mean_{j≠i} V(s_t^j)`, fitted
-              on earlier training batches only (weighted by `0.9^age`), clipped to `[0, 2]`; it is 0 before the first
-              batch, during `critic_warmup_steps` and while the recentred values have (next to) no variance. With
+              on earlier training batches only (weighted by `0.9^age`), clipped to `[0, 2]`, times its calibration:
+              the slope, within `[0, 1]`, of each later batch's `G_t^i − mean_{j≠i} G_t^j` on the critic's term as
+              the slope fitted before that batch weighted it (weighted by `0.7^age`), so that w follows how the
+              critic predicts batches it has not been fitted on. It is 0 for the first two batches, during
+              `critic_warmup_steps` and while the recentred values have (next to) no variance. With
               `w = 0`, `b_t^i` is the leave-one-out mean of the others' returns `G_t^j`; with `w = 1`, `V(s_t^i)` plus
               the others' mean error.
             - `"otb"`: the optimal token baseline (arXiv 2602.07078), critic-free:

@@ -3,9 +3,14 @@
 The trainer writes `trainer_state.json` last: a `checkpoint-<step>` folder without a readable one was cut off while
 being written (a killed run) and is never resumed from. `resume_from_checkpoint=True` (or "true") picks the newest
 complete checkpoint, "auto" the same or a fresh start.
+
+Every run records its id in `output_dir/run.json`, and every checkpoint it writes carries a copy: a fresh run over an
+earlier run's folder (`overwrite_output_dir`) gets a new id, so the earlier run's checkpoints left in the folder are
+never taken for the newest of this one.
 """
 
 import json
+import uuid
 from pathlib import Path
 
 from peft import PeftModel, get_peft_model_state_dict
@@ -15,6 +20,7 @@ from .critic import CRITIC_STATE
 
 
 TRAINER_STATE = "trainer_state.json"
+RUN_FILE = "run.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CHECKPOINT_PREFIX = "checkpoint-"
 # `resume_from_checkpoint` values that ask for the newest complete checkpoint of `output_dir` rather than a folder:
@@ -68,8 +74,25 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     return sorted(folders, key=checkpoint_step)
 
 
+def run_id(folder: str | Path) -> str | None:
+    """The id of the run that wrote `folder` (an output folder or a checkpoint), None when it records none."""
+    try:
+        return json.loads((Path(folder) / RUN_FILE).read_text())["run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_run_id(folder: str | Path, value: str) -> None:
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / RUN_FILE).write_text(json.dumps({"run_id": value}) + "\n")
+
+
 def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of the run `output_dir` records (of any run when it records none)."""
+    current = run_id(output_dir)
     for folder in reversed(checkpoint_folders(output_dir)):
+        if current is not None and run_id(folder) != current:
+            continue  # an earlier run's, left in a folder that a later run took over
         if incomplete_checkpoint_reason(folder) is None:
             return folder
     return None
@@ -213,6 +236,11 @@ class ResumableMixin:
         checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             self._check_resumable(Path(checkpoint))
+        if self.args.should_save:  # a resumed run goes on under its id, a fresh one gets its own
+            run = (run_id(checkpoint) if checkpoint is not None else None) or uuid.uuid4().hex
+            write_run_id(self.args.output_dir, run)
+            if checkpoint is not None:
+                write_run_id(checkpoint, run)  # a checkpoint written before ids were recorded joins the run
         return super().train(checkpoint, *args, **kwargs)
 
     def _check_resumable(self, checkpoint: Path) -> None:
@@ -233,3 +261,6 @@ class ResumableMixin:
         ):
             (Path(output_dir) / TRAINER_STATE).unlink(missing_ok=True)
         super().save_model(output_dir, _internal_call)
+        checkpoint = output_dir is not None and self.is_checkpoint_folder(output_dir)
+        if checkpoint and self.args.should_save and run_id(self.args.output_dir) is not None:
+            write_run_id(output_dir, run_id(self.args.output_dir))  # before trainer_state.json, written last

@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, TrainerCallback
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
-from hf_reinforce.checkpoints import newest_complete_checkpoint, resolve_resume_from_checkpoint
+from hf_reinforce.checkpoints import newest_complete_checkpoint, resolve_resume_from_checkpoint, run_id
 from hf_reinforce.cli import make_tiny
 from hf_reinforce.scripts import reinforce
 from hf_reinforce.testing import make_preference_dataset, save_tiny_models
@@ -237,6 +237,24 @@ def test_with_no_complete_checkpoint_true_is_refused_and_auto_starts_afresh(tmp_
     with pytest.raises(ValueError, match=message):
         resolve_resume_from_checkpoint(True, output_dir)
     assert_resumes_like_an_uninterrupted_run("own_critic_fp32", output_dir, tiny_paths, uninterrupted, "auto")
+
+
+def test_an_overwritten_folder_never_resumes_the_earlier_run(tmp_path, tiny_paths):
+    """A fresh run over an earlier run's folder: the earlier run's later checkpoints stay on disk, but `true` resumes
+    the newest checkpoint of the new run, never one of the old."""
+    output_dir = tmp_path / "run"
+    build_trainer("own_critic_fp32", output_dir, tiny_paths).train()  # checkpoints 2 and 4
+    first_run = run_id(output_dir)
+    assert run_id(output_dir / "checkpoint-4") == first_run
+    trainer = build_trainer("own_critic_fp32", output_dir, tiny_paths)
+    trainer.args.max_steps = SAVE_STEPS  # the new run stops after its first checkpoint, as if killed there
+    trainer.train()
+    assert run_id(output_dir) != first_run and run_id(output_dir / "checkpoint-2") == run_id(output_dir)
+    assert (output_dir / "checkpoint-4").is_dir() and run_id(output_dir / "checkpoint-4") == first_run
+    assert resolve_resume_from_checkpoint(True, output_dir) == str(output_dir / "checkpoint-2")
+    resumed = build_trainer("own_critic_fp32", output_dir, tiny_paths)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == MAX_STEPS and run_id(output_dir / "checkpoint-4") == run_id(output_dir)
 
 
 # ---- the script, killed from outside ----

@@ -10,6 +10,9 @@ from peft import LoraConfig
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer
 from hf_reinforce.advantages import explained_variance
+from hf_reinforce.examples.real_demo import training
+from hf_reinforce.examples.real_demo.arguments import RealDemoArguments
+from hf_reinforce.examples.real_demo.data import write_jsonl
 from hf_reinforce.testing import EnumerableToy, build_tiny_causal_lm, build_tiny_tokenizer
 from hf_reinforce.value_pretraining import PRETRAINING_LOSS, pretrain_critic, tokenized_answers
 
@@ -240,3 +243,35 @@ def test_bad_inputs_are_named(tmp_path):
         toy_trainer(tmp_path, toy, answers, baseline="mean")
     with pytest.raises(ValueError, match="value_pretraining_dataset is empty"):
         toy_trainer(tmp_path, toy, answers.select([]))
+
+
+def preference_rows() -> list[dict]:
+    prompt = [{"role": "user", "content": "Review a tent."}]
+    good, bad, other = (
+        [{"role": "assistant", "content": text}] for text in ("A fine tent.", "It leaks.", "A tent, dry and warm.")
+    )
+    return [
+        {"prompt": prompt, "chosen": good, "rejected": bad},
+        {"prompt": prompt, "chosen": other, "rejected": bad},
+        {"prompt": [{"role": "user", "content": "Review a lamp."}], "chosen": good, "rejected": bad},
+    ]
+
+
+@pytest.mark.parametrize(("arm_flags", "passed"), [({}, True), ({"baseline": "rloo"}, False), ({"arm": "otb"}, False)])
+def test_the_real_demo_flag_hands_the_pairs_answers_to_a_trainer_with_a_critic(
+    tmp_path, monkeypatch, arm_flags, passed
+):
+    write_jsonl(preference_rows(), tmp_path / "preferences" / "train.jsonl")
+    write_jsonl([{"prompt": preference_rows()[0]["prompt"]}], tmp_path / "prompts" / "train.jsonl")
+    answers = training.value_pretraining_answers(tmp_path)
+    assert answers.column_names == ["prompt", "completion"] and len(answers) == 5  # (prompt, answer) once each
+    assert answers[0] == {"prompt": preference_rows()[0]["prompt"], "completion": preference_rows()[0]["chosen"]}
+    built = []
+    monkeypatch.setattr(training, "ReinforceTrainer", lambda **kwargs: built.append(kwargs))
+    monkeypatch.setattr(training, "with_metrics_on_progress_bar", lambda trainer, metrics: trainer)
+    args = RealDemoArguments(output_dir=str(tmp_path / "out"), value_pretraining=True, **arm_flags)
+    training.build_reinforce_trainer("model", tmp_path, tmp_path / "policy", args, seed=0)
+    dataset = built[0]["value_pretraining_dataset"]
+    assert (dataset is not None) is passed
+    if passed:
+        assert dataset.to_list() == answers.to_list()

@@ -244,6 +244,17 @@ class Critic:
         total_loss = self.accelerator.reduce(torch.stack(losses).sum(), reduction="sum")  # one sync per batch
         return CriticUpdate(value_loss=total_loss.item() / self.args.critic_epochs, num_skipped_updates=int(skipped))
 
+    def pretrain(self, epochs) -> list[float]:
+        """Regress the critic before RL on batches of answers of the initial policy, as on rollouts (`first_pass`
+        and `update`: return statistics, normalised targets, its optimizer and schedule), but without joining the
+        fit of w, which stays for the batches whose baselines it weighs. `epochs` yields, per epoch, batches of
+        (input_ids, attention_mask, returns, mask); the mean value loss of each epoch comes back."""
+        losses = []
+        for batches in epochs:
+            epoch_losses = [self.update(self.first_pass(*batch)).value_loss for batch in batches]
+            losses.append(sum(epoch_losses) / max(len(epoch_losses), 1))
+        return losses
+
     @torch.no_grad()
     def _shift_level(self, targets, values, mask) -> None:
         """Move the head's bias by the batch's mean error, which the centred loss leaves alone: the level of V plays

@@ -17,6 +17,7 @@ CRITIC_ONLY_FIELDS = (
     "critic_layers",
     "critic_epochs",
     "critic_max_grad_norm",
+    "critic_pretraining_epochs",
     "lam",
 )
 
@@ -90,6 +91,10 @@ class ReinforceConfig(RLOOConfig):
             Optimizer steps of critic regression on each batch of rollouts.
         critic_max_grad_norm (`float`, *optional*, defaults to `1.0`):
             Gradient-norm clip for the critic's updates (`0` disables clipping).
+        critic_pretraining_epochs (`int`, *optional*, defaults to `1`):
+            Epochs of regression on the trainer's `value_pretraining_dataset` before a fresh run starts (answers of
+            the initial policy, each prefix's target its answer's reward), in batches of
+            `per_device_train_batch_size` answers. Unused without that dataset and when resuming from a checkpoint.
         critic_shares_base (`bool`, *optional*, defaults to `True`):
             When the policy is a PEFT model, make the critic a second LoRA adapter (plus its head) on the policy's
             frozen base, so a single (possibly 4-bit) base is held in memory. Ignored for full fine-tuning, and when
@@ -217,6 +222,15 @@ class ReinforceConfig(RLOOConfig):
         default=1.0,
         metadata={"help": "Gradient-norm clip for the critic's updates, 0 disables it (baseline='critic' only)."},
     )
+    critic_pretraining_epochs: int = field(
+        default=1,
+        metadata={
+            "help": "Epochs of critic regression on the trainer's value_pretraining_dataset before a fresh run starts "
+            "(answers of the initial policy, every prefix's target its answer's reward), in batches of "
+            "per_device_train_batch_size answers (baseline='critic' only; unused without that dataset or when "
+            "resuming)."
+        },
+    )
     missing_eos_penalty: float | None = field(
         default=None,
         metadata={
@@ -339,6 +353,8 @@ def check_critic_and_returns(config: ReinforceConfig) -> None:
         raise ValueError(f"critic_layers={config.critic_layers} must be None (a quarter), 0 (all) or positive.")
     if config.critic_epochs < 1:
         raise ValueError(f"critic_epochs={config.critic_epochs} must be at least 1.")
+    if config.critic_pretraining_epochs < 1:
+        raise ValueError(f"critic_pretraining_epochs={config.critic_pretraining_epochs} must be at least 1.")
     if not (math.isfinite(config.critic_max_grad_norm) and config.critic_max_grad_norm >= 0):
         raise ValueError(f"critic_max_grad_norm={config.critic_max_grad_norm} must be 0 (no clipping) or more.")
     if not 0.0 < config.gamma <= 1.0:

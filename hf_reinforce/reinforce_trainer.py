@@ -1,4 +1,3 @@
-import math
 from pathlib import Path
 from typing import NamedTuple
 
@@ -35,6 +34,7 @@ from .reinforce_config import ReinforceConfig
 from .reward_models import as_scorer, policy_base_name, resolve_reward_models
 from .rollout import Rollout, RolloutMixin, cut_off, sequence_rewards
 from .speedups import prepare_models
+from .value_pretraining import ValuePretrainingCallback, checked_value_pretraining_dataset, critic_updates
 
 
 VALUE_MODEL_DIR = "value_model"
@@ -61,6 +61,9 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
             `None` builds one: a second adapter on the policy's base when the policy is a PEFT model and
             `args.critic_shares_base`, otherwise a copy of the reward model's backbone (when a reward model is given)
             or of the policy's, with the same quantization and LoRA targets as the policy.
+        value_pretraining_dataset (`datasets.Dataset` or `None`):
+            With `baseline="critic"`: answers of the initial policy (`prompt` and `completion` columns, texts or chat
+            messages) the critic regresses on before a fresh run starts; see `hf_reinforce.value_pretraining`.
     """
 
     _tag_names = ["trl", "hf_reinforce", "reinforce"]
@@ -80,9 +83,11 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         quantization_config=None,
         peft_config=None,
         value_model=None,
+        value_pretraining_dataset=None,
     ):
         args = reinforce_config(model, args)
         check_reinforce_inputs(model, reward_funcs, value_model, train_dataset, eval_dataset, args)
+        self.value_pretraining_dataset = checked_value_pretraining_dataset(value_pretraining_dataset, args)
         # Where each role sits, decided once before any model loads; refuses what the engine cannot place
         plan = plan_for_run(args, isinstance(model, PeftModel) or peft_config is not None, launched_engine())
         check_dequantize_for_engine(args.dequantize_for_inference, plan)
@@ -115,6 +120,7 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
             if args.disable_dropout:
                 disable_dropout_in_model(value_model)
             self.critic = Critic(value_model, args, self.accelerator)
+            self.add_callback(ValuePretrainingCallback(self))
         frozen = [self.ref_model, *(getattr(func, "model", None) for func in self.reward_funcs)]
         prepare_models(
             [policy, self.value_model],
@@ -132,8 +138,7 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         scheduler = super().create_scheduler(num_training_steps, optimizer)
         if self.critic is not None and self.critic.optimizer is None:
-            steps_per_rollout_batch = self.args.steps_per_generation * self.num_iterations
-            self.critic.create_optimizer(num_updates=math.ceil(num_training_steps / steps_per_rollout_batch))
+            self.critic.create_optimizer(num_updates=critic_updates(self, num_training_steps))
         return scheduler
 
     # ---------------------------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ CRITIC_FIELD_VALUES = {
     "critic_layers": 2,
     "critic_epochs": 3,
     "critic_max_grad_norm": 0.5,
+    "critic_pretraining_epochs": 2,
     "lam": 0.9,
 }
 OTHER_BASELINES = ("otb", "rloo", "mean", "none")
@@ -213,6 +214,7 @@ def test_whiten_advantages_on_the_command_line(tmp_path, argv, expected):
         ({"critic_warmup_steps": -1}, "critic_warmup_steps=-1"),
         ({"critic_layers": -1}, "critic_layers=-1"),
         ({"critic_epochs": 0}, "critic_epochs=0"),
+        ({"critic_pretraining_epochs": 0}, "critic_pretraining_epochs=0"),
         ({"critic_max_grad_norm": -1.0}, "critic_max_grad_norm=-1.0"),
         ({"gamma": 0.0}, "gamma=0.0"),
         ({"gamma": 1.5}, "gamma=1.5"),

@@ -37,6 +37,16 @@ class RealDemoArguments:
             "choices": list(ARMS),
         },
     )
+    value_pretraining: bool = field(
+        default=False,
+        metadata={
+            "help": "Before REINFORCE, regress the critic on the answers of the preference pairs (the distinct prompt "
+            "and answer of every chosen and rejected answer of preferences/train.jsonl, all the model's own), each "
+            "prefix's target its answer's reward (critic_pretraining_epochs epochs). No answer is sampled for it: the "
+            "cost is one reward-model pass over those answers and the critic's regression. Only for an arm with a "
+            "critic."
+        },
+    )
     data_only: bool = field(
         default=False, metadata={"help": "Stop once the datasets the two recipes read are written."}
     )

@@ -21,6 +21,7 @@ examples:
   hf-reinforce real-demo --seeds 0 1 2 --output_dir outputs/smollm2-135m-seeds
   hf-reinforce real-demo --baseline rloo --output_dir outputs/smollm2-135m-rloo
   hf-reinforce real-demo --arm critic-w0 --reward_from outputs/smollm2-135m --output_dir outputs/smollm2-135m-w0
+  hf-reinforce real-demo --value_pretraining --reward_from outputs/smollm2-135m --output_dir outputs/smollm2-135m-vp
 """
 
 import dataclasses

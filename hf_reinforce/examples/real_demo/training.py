@@ -1,5 +1,6 @@
 """The real demo's two trainers, set up from the SmolLM2 recipes (shipped in the package) with its flags over them."""
 
+import json
 from pathlib import Path
 
 from datasets import Dataset
@@ -48,6 +49,16 @@ def train_reward_model(model: str, data_dir: Path, output_dir: Path, args: RealD
     return trainer
 
 
+def value_pretraining_answers(data_dir: Path) -> Dataset:
+    """The distinct (prompt, answer) of the preference pairs' chosen and rejected answers, for the critic to regress
+    on before REINFORCE (`--value_pretraining`)."""
+    answers = {}
+    for row in read_jsonl(data_dir / "preferences" / "train.jsonl"):
+        for answer in (row["chosen"], row["rejected"]):
+            answers.setdefault(json.dumps([row["prompt"], answer]), {"prompt": row["prompt"], "completion": answer})
+    return Dataset.from_list(list(answers.values()))
+
+
 def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: RealDemoArguments, seed: int):
     overrides = recipe_overrides(model, data_dir / "prompts", output_dir, seed, args.reinforce_steps)
     overrides += ["--reward_model_name_or_path", str(data_dir / REWARD_DIR)]
@@ -57,6 +68,7 @@ def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: 
         overrides += ["--max_completion_length", str(QUICK_MAX_COMPLETION_LENGTH)]
     script_args, training_args, model_args = recipe_args(reinforce_script, REINFORCE_RECIPE, overrides)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
+    with_critic = args.value_pretraining and training_args.baseline == "critic"
     trainer = ReinforceTrainer(
         model=model,
         # The saved reward adapter goes back onto the policy's 4-bit base; the critic starts from it
@@ -65,6 +77,7 @@ def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: 
         train_dataset=Dataset.from_list(read_jsonl(data_dir / "prompts" / "train.jsonl")),
         quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
+        value_pretraining_dataset=value_pretraining_answers(data_dir) if with_critic else None,
     )
     metrics = {"reward": "reward", "gold": "rewards/gold/mean", "kl": "kl", "EV": "critic/explained_variance"}
     return with_metrics_on_progress_bar(trainer, metrics)

@@ -1,6 +1,7 @@
 """The named arms (`hf_reinforce.examples.arms`): each parses into the config it names, through the recipe parser."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -32,3 +33,19 @@ def test_an_unknown_arm_is_named():
         arm_flags("critic-2")
     with pytest.raises(ValueError, match="arm='critic-2' is not one of"):
         RealDemoArguments(arm="critic-2")
+
+
+def test_reinforce_settings_reach_the_trainer_config(monkeypatch):
+    from hf_reinforce.examples.real_demo import training
+
+    captured = {}
+    monkeypatch.setattr(training, "ReinforceTrainer", lambda **kwargs: captured.update(kwargs))
+    monkeypatch.setattr(training, "with_metrics_on_progress_bar", lambda trainer, metrics: trainer)
+    monkeypatch.setattr(training, "read_jsonl", lambda path: [{"prompt": "a"}])
+    monkeypatch.setattr(training, "model_init_kwargs", lambda *args: {})
+    args = RealDemoArguments(arm="critic-w0", reinforce_settings="critic_learning_rate=1e-4 critic_epochs=2")
+    training.build_reinforce_trainer("model", Path("data"), Path("out"), args, seed=10)
+    config = captured["args"]
+    assert (config.critic_learning_rate, config.critic_epochs, config.critic_weight) == (1e-4, 2, 0.0)
+    with pytest.raises(ValueError, match="reinforce_settings: 'critic_epochs' is not `name=value`"):
+        RealDemoArguments(reinforce_settings="critic_epochs")

@@ -37,6 +37,13 @@ class RealDemoArguments:
             "choices": list(ARMS),
         },
     )
+    reinforce_settings: str | None = field(
+        default=None,
+        metadata={
+            "help": "ReinforceConfig fields over the recipe's and the arm's, as `name=value` separated by spaces, "
+            "e.g. 'critic_learning_rate=1e-4 critic_epochs=2'."
+        },
+    )
     value_pretraining: bool = field(
         default=False,
         metadata={
@@ -116,6 +123,11 @@ class RealDemoArguments:
             raise ValueError(f"tau={self.tau} must be positive.")
         if self.arm is not None and self.arm not in ARMS:
             raise ValueError(f"arm={self.arm!r} is not one of {', '.join(ARMS)}; pick one or leave it out.")
+        for setting in (self.reinforce_settings or "").split():
+            if "=" not in setting:
+                raise ValueError(
+                    f"reinforce_settings: {setting!r} is not `name=value`, e.g. critic_learning_rate=1e-4."
+                )
         if self.num_threads is not None and self.num_threads < 1:
             raise ValueError(f"num_threads={self.num_threads} must be at least 1 (or left out: the cores available).")
 

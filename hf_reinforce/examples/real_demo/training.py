@@ -64,6 +64,9 @@ def build_reinforce_trainer(model: str, data_dir: Path, output_dir: Path, args: 
     overrides += ["--reward_model_name_or_path", str(data_dir / REWARD_DIR)]
     overrides += arm_flags(args.arm) if args.arm else ["--baseline", args.baseline]
     overrides += ["--reward_weights", "1.0", "0.0"]
+    for setting in (args.reinforce_settings or "").split():
+        name, value = setting.split("=", 1)
+        overrides += [f"--{name}", value]
     if args.quick:
         overrides += ["--max_completion_length", str(QUICK_MAX_COMPLETION_LENGTH)]
     script_args, training_args, model_args = recipe_args(reinforce_script, REINFORCE_RECIPE, overrides)

@@ -87,13 +87,7 @@ class RolloutMixin:
         check_text_prompts(inputs)
         prompts = [row["prompt"] for row in inputs]
         prompt_ids, completion_ids, completions, sampled = self._sample(prompts)
-        device, pad_id, multiple = self.accelerator.device, self._tokenizer.pad_token_id, self.pad_to_multiple_of
-        prompt_ids_t, prompt_mask = padded_token_ids(prompt_ids, pad_id, "left", multiple, device)
-        completion_ids_t, completion_mask = padded_token_ids(completion_ids, pad_id, "right", multiple, device)
-        if self.mask_truncated_completions:
-            eos_and_pad = [*self.eos_token_ids, pad_id]
-            truncated = torch.tensor([ids[-1] not in eos_and_pad for ids in completion_ids], device=device)
-            completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
+        prompt_ids_t, prompt_mask, completion_ids_t, completion_mask = self._padded(prompt_ids, completion_ids)
         input_ids = torch.cat([prompt_ids_t, completion_ids_t], dim=1)  # (B, P+C)
         attention_mask = torch.cat([prompt_mask, completion_mask], dim=1)  # (B, P+C)
         rollout_logps, sum_squared_probs = self._rollout_logps(
@@ -115,6 +109,18 @@ class RolloutMixin:
             rows,
             sum_squared_probs,
         )
+
+    def _padded(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple:
+        """(prompt ids, prompt mask, completion ids, completion mask): prompts left-padded, completions right-padded,
+        as TRL pads them; with `mask_truncated_completions` a completion without EOS gets a mask of zeros."""
+        device, pad_id, multiple = self.accelerator.device, self._tokenizer.pad_token_id, self.pad_to_multiple_of
+        prompts, prompt_mask = padded_token_ids(prompt_ids, pad_id, "left", multiple, device)
+        completions, completion_mask = padded_token_ids(completion_ids, pad_id, "right", multiple, device)
+        if self.mask_truncated_completions:
+            eos_and_pad = [*self.eos_token_ids, pad_id]
+            truncated = torch.tensor([ids[-1] not in eos_and_pad for ids in completion_ids], device=device)
+            completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
+        return prompts, prompt_mask, completions, completion_mask
 
     def _sample(self, prompts):
         """TRL's generation: prompt ids, completion ids, decoded completions, and what the sampler kept of each drawn

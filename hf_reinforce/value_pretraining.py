@@ -16,7 +16,7 @@ from datasets import Dataset
 from transformers import TrainerCallback
 from trl.data_utils import is_conversational
 
-from .rollout import Rollout, padded_token_ids
+from .rollout import Rollout
 
 
 PRETRAINING_LOSS = "critic/pretraining_loss"
@@ -95,18 +95,6 @@ def tokenized_answers(trainer, dataset) -> tuple[list[list[int]], list[list[int]
     return [list(ids) for ids in prompt_ids], completion_ids
 
 
-def padded_rows(trainer, prompt_ids, completion_ids):
-    """(prompt ids, prompt mask, completion ids, completion mask) padded as `RolloutMixin._rollout` pads them."""
-    device, pad_id, multiple = trainer.accelerator.device, trainer._tokenizer.pad_token_id, trainer.pad_to_multiple_of
-    prompts, prompt_mask = padded_token_ids(prompt_ids, pad_id, "left", multiple, device)
-    completions, completion_mask = padded_token_ids(completion_ids, pad_id, "right", multiple, device)
-    if trainer.mask_truncated_completions:
-        eos_and_pad = [*trainer.eos_token_ids, pad_id]
-        truncated = torch.tensor([ids[-1] not in eos_and_pad for ids in completion_ids], device=device)
-        completion_mask = completion_mask * (~truncated).unsqueeze(1).int()
-    return prompts, prompt_mask, completions, completion_mask
-
-
 def local_rows(trainer, batch: list[int]) -> slice:
     """This process's share of a global batch (all of it with one process)."""
     size = math.ceil(len(batch) / trainer.accelerator.num_processes)
@@ -128,7 +116,7 @@ def answer_rewards(trainer, dataset, prompt_ids, completion_ids) -> torch.Tensor
         conversational = is_conversational({"prompt": prompts[0]})
         completions = [[{"role": "assistant", "content": c}] for c in contents] if conversational else contents
         rewards_per_func = trainer._calculate_rewards(inputs, prompts, completions, ids)  # (global B, F)
-        padded = padded_rows(trainer, [prompt_ids[index] for index in rows], ids)
+        padded = trainer._padded([prompt_ids[index] for index in rows], ids)
         rollout = Rollout(*padded, rewards_per_func, None, None, None, local)
         rewards[torch.tensor(batch, device=rewards.device)] = trainer._rewards(rollout)
     trainer._pending_metrics.clear()  # what reward functions logged belongs to no step of the run
@@ -141,8 +129,8 @@ def regression_batch(trainer, batch: list[int], rewards, prompt_ids, completion_
     trainer's step computes them with a zero KL (the policy is still its reference), unscorable rows masked out."""
     local = local_rows(trainer, batch)
     rows = batch[local]
-    prompts, prompt_mask, completions, completion_mask = padded_rows(
-        trainer, [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows]
+    prompts, prompt_mask, completions, completion_mask = trainer._padded(
+        [prompt_ids[i] for i in rows], [completion_ids[i] for i in rows]
     )
     batch_rewards = rewards[torch.tensor(batch, device=rewards.device)]  # (global B,)
     mask = completion_mask * batch_rewards[local].isfinite().unsqueeze(1)

@@ -279,4 +279,5 @@ def value_diagnostics(
         diagnostics[f"recentred_explained_variance_{position}"] = recentred_explained_variance(
             values, returns, mask, group_size, where
         )
-    return {name: value.item() for name, value in diagnostics.items()}
+    values = torch.stack([value.float() for value in diagnostics.values()]).tolist()  # one copy to the host
+    return dict(zip(diagnostics, values))

@@ -261,6 +261,8 @@ class ResumableMixin:
         ):
             (Path(output_dir) / TRAINER_STATE).unlink(missing_ok=True)
         super().save_model(output_dir, _internal_call)
-        checkpoint = output_dir is not None and self.is_checkpoint_folder(output_dir)
-        if checkpoint and self.args.should_save and run_id(self.args.output_dir) is not None:
-            write_run_id(output_dir, run_id(self.args.output_dir))  # before trainer_state.json, written last
+        if output_dir is None or not self.is_checkpoint_folder(output_dir) or not self.args.should_save:
+            return
+        current = run_id(self.args.output_dir)
+        if current is not None:
+            write_run_id(output_dir, current)  # before trainer_state.json, written last

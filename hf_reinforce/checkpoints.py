@@ -6,7 +6,9 @@ complete checkpoint, "auto" the same or a fresh start.
 
 Every run records its id in `output_dir/run.json`, and every checkpoint it writes carries a copy: a fresh run over an
 earlier run's folder (`overwrite_output_dir`) gets a new id, so the earlier run's checkpoints left in the folder are
-never taken for the newest of this one.
+never taken for the newest of this one. The copy also records how many processes wrote the checkpoint: each of them
+writes its own random state after the first process has written its share, so a checkpoint of several processes is
+complete only once every `rng_state_<process>.pth` is there.
 """
 
 import json
@@ -56,6 +58,9 @@ def incomplete_checkpoint_reason(folder: Path) -> str | None:
         json.loads(state_file.read_text())
     except (ValueError, UnicodeDecodeError):
         return f"its {TRAINER_STATE} is cut off"
+    missing = missing_process_states(folder)
+    if missing:
+        return f"it has no {missing[0]} (a process stopped before writing its random state)"
     for weights in sorted(folder.rglob("*.safetensors")):
         try:
             with safe_open(str(weights), framework="pt") as reader:
@@ -63,6 +68,14 @@ def incomplete_checkpoint_reason(folder: Path) -> str | None:
         except Exception:  # noqa: BLE001 - safetensors raises its own error types for every kind of damage
             return f"{weights.relative_to(folder)} is cut off or damaged"
     return None
+
+
+def missing_process_states(folder: Path) -> list[str]:
+    """The per-process random states a checkpoint of several processes lacks (none when it saved no random state)."""
+    processes = recorded_processes(folder)
+    if processes < 2 or not any(folder.glob("rng_state_*.pth")):
+        return []
+    return [name for name in (f"rng_state_{rank}.pth" for rank in range(processes)) if not (folder / name).is_file()]
 
 
 def checkpoint_folders(output_dir: str | Path) -> list[Path]:
@@ -74,17 +87,29 @@ def checkpoint_folders(output_dir: str | Path) -> list[Path]:
     return sorted(folders, key=checkpoint_step)
 
 
+def run_record(folder: str | Path) -> dict:
+    """What `folder` (an output folder or a checkpoint) records of the run that wrote it; {} when nothing."""
+    try:
+        record = json.loads((Path(folder) / RUN_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def run_id(folder: str | Path) -> str | None:
     """The id of the run that wrote `folder` (an output folder or a checkpoint), None when it records none."""
-    try:
-        return json.loads((Path(folder) / RUN_FILE).read_text())["run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    return run_record(folder).get("run_id")
 
 
-def write_run_id(folder: str | Path, value: str) -> None:
+def recorded_processes(folder: str | Path) -> int:
+    """How many processes wrote the checkpoint `folder` (1 when it does not record it)."""
+    return int(run_record(folder).get("processes", 1))
+
+
+def write_run_id(folder: str | Path, value: str, processes: int | None = None) -> None:
     Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / RUN_FILE).write_text(json.dumps({"run_id": value}) + "\n")
+    record = {"run_id": value} if processes is None else {"run_id": value, "processes": processes}
+    (Path(folder) / RUN_FILE).write_text(json.dumps(record) + "\n")
 
 
 def newest_complete_checkpoint(output_dir: str | Path) -> Path | None:
@@ -130,6 +155,18 @@ def resolve_resume_from_checkpoint(value, output_dir: str | Path) -> str | None:
         hint = f"resume from {str(newest)!r} instead" if newest else "start afresh"
         raise ValueError(f"resume_from_checkpoint={value!r} is an incomplete checkpoint: {reason}; {hint}.")
     return str(folder)
+
+
+def check_not_finished(checkpoint: Path, max_steps: int) -> None:
+    """Refuse to resume from a checkpoint at or past `max_steps`: transformers would take one more step than asked
+    before it stops (it checks the step count after each step only), so the resumed run would end past it."""
+    global_step = json.loads((checkpoint / TRAINER_STATE).read_text()).get("global_step", 0)
+    if 0 < max_steps <= global_step:
+        raise ValueError(
+            f"{checkpoint} is at step {global_step}, and this run stops at max_steps={max_steps}: the run that wrote "
+            "it had finished training (it was stopped while saving its final model). Its trained model is that "
+            "checkpoint's; load it from there, or resume with a larger --max_steps to train further."
+        )
 
 
 def check_output_dir(args) -> None:
@@ -209,16 +246,15 @@ def check_same_tensors(checkpoint: Path, file_name: str, expected: dict, what: s
 
 def check_reinforce_checkpoint(trainer, checkpoint: Path) -> None:
     """Refuse a checkpoint a REINFORCE run cannot resume from: a reward model's, or one whose policy adapter or critic
-    does not fit this run's (where no engine shards the parameters whose shapes it compares)."""
+    does not fit this run's (the policy's where no engine shards it; the critic's always, as no engine shards it)."""
     if checkpoint_model_kind(checkpoint) == "reward":
         raise ValueError(
             f"{checkpoint} is a checkpoint of a reward model (RewardTrainer); resume a REINFORCE run from one of "
             "its own checkpoints, or give the reward model as `reward_model_name_or_path`."
         )
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
-        return  # the engines shard the parameters whose shapes the checks below compare
+    # The engines shard the policy (their own loaders check what they load); no engine shards the critic
     policy = trainer.accelerator.unwrap_model(trainer.model)
-    if isinstance(policy, PeftModel):
+    if isinstance(policy, PeftModel) and not (trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled):
         expected = get_peft_model_state_dict(policy, adapter_name="default")
         check_same_tensors(checkpoint, ADAPTER_WEIGHTS, expected, "policy adapter")
     if trainer.critic is not None:
@@ -236,15 +272,20 @@ class ResumableMixin:
         checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             self._check_resumable(Path(checkpoint))
+            check_not_finished(Path(checkpoint), self.args.max_steps)
+            self._before_resuming(Path(checkpoint))
         if self.args.should_save:  # a resumed run goes on under its id, a fresh one gets its own
             run = (run_id(checkpoint) if checkpoint is not None else None) or uuid.uuid4().hex
             write_run_id(self.args.output_dir, run)
-            if checkpoint is not None:
+            if checkpoint is not None and run_id(checkpoint) is None:
                 write_run_id(checkpoint, run)  # a checkpoint written before ids were recorded joins the run
         return super().train(checkpoint, *args, **kwargs)
 
     def _check_resumable(self, checkpoint: Path) -> None:
         """Raise a ValueError naming `checkpoint` when this trainer cannot resume from it."""
+
+    def _before_resuming(self, checkpoint: Path) -> None:
+        """Prepare to resume from `checkpoint`, once every check has passed."""
 
     @staticmethod
     def is_checkpoint_folder(folder) -> bool:
@@ -265,4 +306,4 @@ class ResumableMixin:
             return
         current = run_id(self.args.output_dir)
         if current is not None:
-            write_run_id(output_dir, current)  # before trainer_state.json, written last
+            write_run_id(output_dir, current, self.args.world_size)  # before trainer_state.json, written last

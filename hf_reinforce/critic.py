@@ -350,8 +350,9 @@ class Critic:
                 f"{directory} holds no critic state ({CRITIC_STATE}); it was not written by a ReinforceTrainer with "
                 "baseline='critic', so the critic cannot be resumed from it."
             )
-        device = self.accelerator.device
-        state = load_file(directory / CRITIC_STATE, device=str(device))
+        # safetensors and torch.load take "cpu" but not the "cpu:0" of a process that accelerate launched on CPU
+        device = "cpu" if self.accelerator.device.type == "cpu" else str(self.accelerator.device)
+        state = load_file(directory / CRITIC_STATE, device=device)
         statistics = {k.removeprefix("statistics."): v.cpu() for k, v in state.items() if k.startswith("statistics.")}
         self.model.load_trainable_state_dict({k: v for k, v in state.items() if not k.startswith("statistics.")})
         for name, means in self._statistics():

@@ -322,9 +322,11 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         check_enough_prompts(self.train_dataset, self.args)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
-    # Our own hook (see `ResumableMixin`): the checks, then the critic's state once its optimizer exists.
+    # Our own hooks (see `ResumableMixin`): the checks; then, all passed, the critic's state once its optimizer exists.
     def _check_resumable(self, checkpoint: Path) -> None:
         check_reinforce_checkpoint(self, checkpoint)
+
+    def _before_resuming(self, checkpoint: Path) -> None:
         if self.critic is not None:
             self.add_callback(CriticResumeCallback(self.critic, checkpoint))
 

@@ -23,7 +23,13 @@ from safetensors.torch import load_file
 from transformers import BitsAndBytesConfig, TrainerCallback
 
 from hf_reinforce import ReinforceConfig, ReinforceTrainer, RewardConfig, RewardTrainer
-from hf_reinforce.checkpoints import newest_complete_checkpoint, resolve_resume_from_checkpoint, run_id
+from hf_reinforce.checkpoints import (
+    incomplete_checkpoint_reason,
+    newest_complete_checkpoint,
+    resolve_resume_from_checkpoint,
+    run_id,
+    write_run_id,
+)
 from hf_reinforce.cli import make_tiny
 from hf_reinforce.scripts import reinforce
 from hf_reinforce.testing import make_preference_dataset, save_tiny_models
@@ -255,6 +261,32 @@ def test_an_overwritten_folder_never_resumes_the_earlier_run(tmp_path, tiny_path
     resumed = build_trainer("own_critic_fp32", output_dir, tiny_paths)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == MAX_STEPS and run_id(output_dir / "checkpoint-4") == run_id(output_dir)
+
+
+def test_a_checkpoint_of_the_last_step_is_refused_rather_than_trained_past(tmp_path, tiny_paths):
+    """Killed after its last checkpoint, before its final save: resuming would take a step past `max_steps`."""
+    output_dir = tmp_path / "run"
+    build_trainer("own_critic_fp32", output_dir, tiny_paths).train()  # checkpoints 2 and 4 = MAX_STEPS
+    with pytest.raises(ValueError, match=f"checkpoint-{MAX_STEPS} is at step {MAX_STEPS}.*max_steps={MAX_STEPS}"):
+        build_trainer("own_critic_fp32", output_dir, tiny_paths).train(resume_from_checkpoint=True)
+    longer = build_trainer("own_critic_fp32", output_dir, tiny_paths)
+    longer.args.max_steps = MAX_STEPS + 1
+    longer.train(resume_from_checkpoint=True)
+    assert longer.state.global_step == MAX_STEPS + 1
+
+
+def test_a_checkpoint_of_several_processes_is_complete_only_with_every_random_state(tmp_path):
+    """Each process writes its random state on its own, after the first process may already have written the trainer
+    state: the folder reads as complete only once every process's file is there."""
+    checkpoint = tmp_path / "checkpoint-2"
+    write_run_id(checkpoint, "run", processes=2)
+    write_run_id(tmp_path, "run")
+    (checkpoint / "trainer_state.json").write_text("{}")
+    (checkpoint / "rng_state_0.pth").write_bytes(b"state")
+    assert "rng_state_1.pth" in incomplete_checkpoint_reason(checkpoint)
+    assert newest_complete_checkpoint(tmp_path) is None
+    (checkpoint / "rng_state_1.pth").write_bytes(b"state")
+    assert incomplete_checkpoint_reason(checkpoint) is None and newest_complete_checkpoint(tmp_path) == checkpoint
 
 
 # ---- the script, killed from outside ----

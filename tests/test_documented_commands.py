@@ -33,6 +33,7 @@ NOT_RUN_HERE = (
     (r"^\.venv/bin/pytest\b", "the CI script runs the test suite"),
     (r"^tensorboard\b", "a viewer"),
     (r"^python benchmarks/", "a benchmark of many minutes; its `--help` is run instead"),
+    (r"^accelerate launch .*benchmarks/soak\.py", "half an hour; tests/test_soak.py runs the soak for 12 steps"),
 )
 # Launches that need CUDA (a single-GPU or multi-GPU accelerate config, or more processes than this machine's test
 # runs), the Hub's models and datasets (the recipes of real models), or tens of minutes of CPU (the SmolLM2 recipes,

@@ -7,19 +7,28 @@ first). Under ZeRO-3, a critic of its own built from a backbone (not a reward ad
 the policy's targets name, here given as full module names. A greedy two-process DDP run must also end where a
 one-process run with the same global batch ends.
 
+Under DDP (shared-base critic), ZeRO-2, ZeRO-3 (critic of its own) and FSDP2 (4-bit stored as float32), a run killed
+with -9 in the step after its first checkpoint (the launcher and both training processes) and resumed with
+`--resume_from_checkpoint true` must end with the uninterrupted run's weights and last checkpoint.
+
 The ZeRO runs need DeepSpeed (in the `dev` and `deepspeed` extras) and are skipped without it.
 """
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
+import torch
 from safetensors.torch import load_file
 
+from hf_reinforce.checkpoints import checkpoint_folders, newest_complete_checkpoint
 from hf_reinforce.cli import make_tiny
 from hf_reinforce.scripts import reward
 
@@ -39,8 +48,23 @@ import sys
 import torch
 from safetensors.torch import save_file
 
+from hf_reinforce import ReinforceTrainer
 from hf_reinforce.engines import engine_that_ran
 from hf_reinforce.scripts import reinforce
+
+training_steps_here = 0
+
+
+def counted(training_step):
+    def training_step_counted(*args, **kwargs):
+        global training_steps_here
+        training_steps_here += 1
+        return training_step(*args, **kwargs)
+
+    return training_step_counted
+
+
+ReinforceTrainer.training_step = counted(ReinforceTrainer.training_step)
 
 
 def whole(parameter):
@@ -84,6 +108,7 @@ def dump_then_finish(trainer, training_args, dataset_name, saved_what):
         "steps": trainer.state.global_step,
         "policy_lora": lora_modules(trainer.model, "default"),
         "critic_lora": lora_modules(critic.backbone, critic.adapter_name or "default"),
+        "training_steps_here": training_steps_here,
     }
     with open(f"{training_args.output_dir}/rank{rank}.json", "w") as file:
         json.dump(report, file)
@@ -162,14 +187,17 @@ def script_flags(output_dir: Path, *flags: str) -> list[str]:
     ]  # fmt: skip
 
 
-def launch(workdir: Path, config: str, output_dir: Path, *flags: str) -> str:
-    command = [
+def launch_command(config: str, output_dir: Path, *flags: str) -> list[str]:
+    return [
         sys.executable, "-m", "accelerate.commands.launch",
         "--config_file", str(ROOT / "recipes" / "accelerate_configs" / f"{config}.yaml"),
         "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
         *script_flags(output_dir, *flags),
     ]  # fmt: skip
-    return run(command, workdir)
+
+
+def launch(workdir: Path, config: str, output_dir: Path, *flags: str) -> str:
+    return run(launch_command(config, output_dir, *flags), workdir)
 
 
 def max_difference(first: dict, second: dict) -> float:
@@ -196,6 +224,7 @@ def test_engine_runs_and_ranks_agree(tiny_workdir, engine):
     reports = [json.loads((output_dir / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     for report in reports:
         policy_lora, critic_lora = report.pop("policy_lora"), report.pop("critic_lora")
+        assert report.pop("training_steps_here") == STEPS
         assert policy_lora and critic_lora
         if engine == "zero3_own_critic_full_names":
             assert critic_lora == policy_lora == [name.removeprefix("model.") for name in FULL_NAMES]
@@ -227,3 +256,107 @@ def test_two_process_ddp_matches_one_process(tiny_workdir):
     one, two = load_file(one_dir / "rank0.safetensors"), load_file(two_dir / "rank0.safetensors")
     assert max(one[key].abs().max().item() for key in one if "lora_B" in key) > 1e-3  # the adapters trained
     assert max_difference(one, two) <= 1e-4
+
+
+# ---- killed with -9 mid-run and resumed, under each engine ----
+# (accelerate config, flags): a critic adapter on the policy's 4-bit base under DDP and ZeRO-2, a critic of its own
+# under ZeRO-3 (full precision) and FSDP2 (4-bit weights stored as FSDP shards them).
+KILLED_RUNS = {
+    "ddp_shared_critic": ("ddp", ()),
+    "zero2": ("zero2", ()),
+    "zero3_own_critic": ("zero3", ("--load_in_4bit", "false")),
+    "fsdp2_qlora": ("fsdp2", ("--bnb_4bit_quant_storage", "float32")),
+}
+KILL_STEPS, KILL_SAVE_STEPS = 4, 2
+CHECKPOINTED = ("--max_steps", str(KILL_STEPS), "--save_strategy", "steps", "--save_steps", str(KILL_SAVE_STEPS))
+# What a checkpoint holds besides the state a resumed run must reproduce: the random states (a resumed run restores
+# them) and DeepSpeed's copy of its config.
+NOT_COMPARED = ("rng_state",)
+
+
+def flat_tensors(value, prefix: str = "") -> dict[str, torch.Tensor]:
+    """Every tensor inside nested dicts, lists and tuples, named by its path."""
+    if isinstance(value, torch.Tensor):
+        return {prefix: value}
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list | tuple) else ()
+    tensors = {}
+    for key, item in items:
+        tensors.update(flat_tensors(item, f"{prefix}.{key}" if prefix else str(key)))
+    return tensors
+
+
+def checkpoint_tensors(checkpoint: Path, scratch: Path) -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint holds, whatever the engine wrote: safetensors, torch pickles (optimizer, scheduler,
+    DeepSpeed's partitions) and FSDP's distributed-checkpoint folders, named by file."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    tensors = {}
+    for path in sorted(checkpoint.rglob("*")):
+        name = str(path.relative_to(checkpoint))
+        if path.name.startswith(NOT_COMPARED):
+            continue
+        if path.suffix == ".safetensors":
+            found = load_file(path)
+        elif path.suffix in (".pt", ".pth", ".bin"):
+            found = flat_tensors(torch.load(path, map_location="cpu", weights_only=False))
+        elif path.is_dir() and any(path.glob("*.distcp")):
+            scratch.mkdir(parents=True, exist_ok=True)
+            converted = scratch / f"{name.replace('/', '_')}.pt"
+            dcp_to_torch_save(path, converted)
+            found = flat_tensors(torch.load(converted, map_location="cpu", weights_only=False))
+        else:
+            continue
+        tensors.update({f"{name}:{key}": tensor for key, tensor in found.items()})
+    return tensors
+
+
+def launch_and_kill_after_first_checkpoint(workdir: Path, config: str, output_dir: Path, *flags: str) -> None:
+    """Launch the run, wait for its first complete checkpoint, then SIGKILL every process of the launch at once."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = launch_command(config, output_dir, *flags)
+    process = subprocess.Popen(command, cwd=workdir, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + LAUNCH_TIMEOUT_SECONDS
+    while newest_complete_checkpoint(output_dir) is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # The launcher starts each training process in a session of its own: kill them all, as a lost machine would
+    launched = psutil.Process(process.pid).children(recursive=True)
+    for each in launched:
+        each.send_signal(signal.SIGKILL)
+    process.send_signal(signal.SIGKILL)
+    _, alive = psutil.wait_procs(launched, timeout=60)
+    assert not alive and process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+
+
+@pytest.mark.parametrize("cell", list(KILLED_RUNS))
+def test_a_run_killed_mid_run_resumes_to_the_uninterrupted_result(tiny_workdir, tmp_path, cell):
+    """The policy, the critic and every optimizer's state at the end of the resumed run, on both processes and in
+    its last checkpoint, equal the uninterrupted run's (the one-process tests' tolerance)."""
+    needs_deepspeed(cell)
+    config, flags = KILLED_RUNS[cell]
+    straight, killed = (tiny_workdir / "outputs" / "killed" / cell / name for name in ("straight", "killed"))
+    launch(tiny_workdir, config, straight, *flags, *CHECKPOINTED)
+    launch_and_kill_after_first_checkpoint(tiny_workdir, config, killed, *flags, *CHECKPOINTED)
+    assert [folder.name for folder in checkpoint_folders(killed)][0] == f"checkpoint-{KILL_SAVE_STEPS}"
+    assert not (killed / "adapter_model.safetensors").exists()
+
+    launch(tiny_workdir, config, killed, *flags, *CHECKPOINTED, "--resume_from_checkpoint", "true")
+    weight_differences = []
+    for rank in (0, 1):
+        resumed_report = json.loads((killed / f"rank{rank}.json").read_text())
+        assert resumed_report["steps"] == KILL_STEPS and resumed_report["training_steps_here"] < KILL_STEPS
+        expected, found = (load_file(folder / f"rank{rank}.safetensors") for folder in (straight, killed))
+        weight_differences.append(max_difference(expected, found))
+    assert max(weight_differences) <= 1e-5
+    last = f"checkpoint-{KILL_STEPS}"
+    expected, found = (checkpoint_tensors(folder / last, tmp_path / name) for name, folder in
+                       (("straight", straight), ("killed", killed)))  # fmt: skip
+    assert any("optimizer" in name or "optim_states" in name for name in expected)
+    assert any(name.startswith("critic_optimizer.pt") for name in expected)
+    assert expected.keys() == found.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(found[name], tensor, rtol=0, atol=1e-5, msg=name)
+    differences = [(found[name].double() - tensor.double()).abs().max().item() for name, tensor in expected.items()
+                   if tensor.numel()]  # fmt: skip
+    weights = len(load_file(straight / "rank0.safetensors"))
+    print(f"{cell}: {weights} weights per process, max difference {max(weight_differences):.3g}; "
+          f"{len(expected)} checkpoint tensors, max difference {max(differences):.3g}")  # fmt: skip

@@ -246,18 +246,18 @@ def growth_table(records: list[dict], config: str, rank: int) -> str:
     """Per reported point of the run: the record there (memory, caches, tensors, logs), and the window medians of the
     step time, of the machine's reference time and of their ratio; each with its growth from the 10 % point."""
     steps = records[-1]["step"]
-    timed = records[0]["reference_ms"] is not None
     measures = {"step": lambda r: r["median_step_ms"]}
-    if timed:
+    if records[0]["reference_ms"] is not None:
         measures.update(reference=lambda r: r["reference_ms"], ratio=lambda r: r["median_step_ms"] / r["reference_ms"])
     medians = {
         f: {name: window_median(records, f, value) for name, value in measures.items()} for f in REPORTED_FRACTIONS
     }
     first = REPORTED_FRACTIONS[0]
+    start_memory = records_at(records, first * steps)["resident_mb"]
     lines = []
     for fraction in REPORTED_FRACTIONS:
-        record = min(records, key=lambda r: abs(r["step"] - fraction * steps))
-        memory = 100 * (record["resident_mb"] / records_at(records, first * steps)["resident_mb"] - 1)
+        record = records_at(records, fraction * steps)
+        memory = 100 * (record["resident_mb"] / start_memory - 1)
         cells = []
         for name in ("step", "reference", "ratio"):
             if name not in measures:

@@ -1,6 +1,6 @@
 """The named arms on the real-model task (`hf-reinforce real-demo`), on seeds no setting was chosen on.
 
-    python benchmarks/real_arms.py --seeds 10 11 12 --arms critic critic-w0 critic-pre otb rloo --jobs 2
+    python benchmarks/real_arms.py --seeds 10 11 12 --arms critic critic-w0 critic-head otb rloo --jobs 2
     python benchmarks/real_arms.py --seeds 10 11 12 --report            # the table of the runs already made
 
 Per seed, the datasets and the reward model are made once (the preferences and reward-model stages of `real-demo`,
@@ -120,7 +120,9 @@ def report(found: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[10, 11, 12])
-    parser.add_argument("--arms", nargs="+", default=["critic", ABLATION, PRE_ARM, "otb", "rloo", "critic-1"])
+    parser.add_argument(
+        "--arms", nargs="+", default=["critic", ABLATION, "critic-head", PRE_ARM, "otb", "rloo", "critic-1"]
+    )
     parser.add_argument("--output_dir", default="outputs/real-arms")
     parser.add_argument("--jobs", type=int, default=2, help="runs in parallel, one thread each")
     parser.add_argument("--report", action="store_true", help="only the table of the runs already made")

@@ -208,6 +208,11 @@ CONFIGURATIONS = {
     "trl RLOOTrainer, QLoRA, reward adapter": (True, "adapter", {}),
     "ReinforceTrainer rloo, QLoRA, reward adapter": (True, "adapter", {"baseline": "rloo"}),
     "ReinforceTrainer critic, QLoRA, reward adapter (README setup)": (True, "adapter", HEADLINE),
+    "ReinforceTrainer critic, QLoRA, reward adapter, head only": (
+        True,
+        "adapter",
+        {**HEADLINE, "critic_head_only": True},
+    ),
 }
 
 

@@ -135,6 +135,8 @@ class Critic:
     def __init__(self, model: ValueHeadModel, args, accelerator):
         self.model, self.args, self.accelerator = model, args, accelerator
         keep_4bit_layers_differentiable(model)
+        if args.critic_head_only:
+            model.freeze_backbone()
         model.train()
         self.optimizer = self.scheduler = None
         self.returns = RunningMeans(("mean", "square"))
@@ -146,7 +148,7 @@ class Critic:
         # The centred value loss is blind to V's level, so the head's bias would get rounding noise for a gradient,
         # which Adam turns into steps of either sign (different on every process count); `_shift_level` sets it.
         self.model.value_head.bias.requires_grad_(False)
-        fitted = [p for p in self.model.trainable_parameters() if p is not self.model.value_head.bias]
+        fitted = [p for p in self.model.fitted_parameters() if p is not self.model.value_head.bias]
         self.optimizer = torch.optim.AdamW(fitted, lr=self.args.critic_learning_rate)
         self.scheduler = get_scheduler(
             self.args.lr_scheduler_type, self.optimizer, num_warmup_steps=0, num_training_steps=num_updates

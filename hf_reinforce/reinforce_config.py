@@ -18,6 +18,7 @@ CRITIC_ONLY_FIELDS = (
     "critic_epochs",
     "critic_max_grad_norm",
     "critic_pretraining_epochs",
+    "critic_head_only",
     "lam",
 )
 
@@ -91,6 +92,9 @@ class ReinforceConfig(RLOOConfig):
             Optimizer steps of critic regression on each batch of rollouts.
         critic_max_grad_norm (`float`, *optional*, defaults to `1.0`):
             Gradient-norm clip for the critic's updates (`0` disables clipping).
+        critic_head_only (`bool`, *optional*, defaults to `False`):
+            Train the value head alone on a frozen backbone (with a critic copied from a reward adapter, on the
+            reward model's own hidden states), whose forward then runs without gradients.
         critic_pretraining_epochs (`int`, *optional*, defaults to `1`):
             Epochs of regression on the trainer's `value_pretraining_dataset` before a fresh run starts (answers of
             the initial policy, each prefix's target its answer's reward), in batches of
@@ -222,6 +226,13 @@ class ReinforceConfig(RLOOConfig):
         default=1.0,
         metadata={"help": "Gradient-norm clip for the critic's updates, 0 disables it (baseline='critic' only)."},
     )
+    critic_head_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Train only the critic's value head on its frozen backbone (a reward adapter's hidden states when "
+            "copied from one), which then runs without gradients (baseline='critic' only)."
+        },
+    )
     critic_pretraining_epochs: int = field(
         default=1,
         metadata={
@@ -299,22 +310,12 @@ class ReinforceConfig(RLOOConfig):
     def __post_init__(self):
         check_baseline(self)
         check_critic_and_returns(self)
-        if self.missing_eos_penalty is not None and not math.isfinite(self.missing_eos_penalty):
-            raise ValueError(f"missing_eos_penalty={self.missing_eos_penalty} must be a finite number or None.")
-        if self.num_iterations < 1:
-            raise ValueError(f"num_iterations={self.num_iterations} must be at least 1.")
-        if self.inverse_cdf_sampling:
-            check_inverse_cdf_sampling(self)
+        check_numbers(self)
+        check_inverse_cdf_sampling(self)
         resolve_whiten_advantages(self)
         warn_ignored_critic_fields(self)
         resolve_device_defaults(self)
-        try:
-            super().__post_init__()
-        except ValueError as error:
-            # RLOO's last check asks for groups of at least two completions; the other baselines need no groups.
-            groupless = self.num_generations == 1 and self.baseline != "rloo"
-            if not (groupless and "2 generations" in str(error)):
-                raise
+        rloo_post_init(self)
         self.whiten_advantages = self.normalize_advantages  # the deprecated name, still readable
 
     # Why: `Trainer` pickles its arguments into training_args.bin beside every saved model and checkpoint, which
@@ -323,6 +324,25 @@ class ReinforceConfig(RLOOConfig):
         state = self.__dict__.copy()
         state["hub_token"] = None
         return state
+
+
+def check_numbers(config: ReinforceConfig) -> None:
+    """A finite `missing_eos_penalty` (or None) and at least one iteration per generation batch."""
+    if config.missing_eos_penalty is not None and not math.isfinite(config.missing_eos_penalty):
+        raise ValueError(f"missing_eos_penalty={config.missing_eos_penalty} must be a finite number or None.")
+    if config.num_iterations < 1:
+        raise ValueError(f"num_iterations={config.num_iterations} must be at least 1.")
+
+
+def rloo_post_init(config: ReinforceConfig) -> None:
+    """TRL's `RLOOConfig` checks and defaults, with groups of one allowed where the baseline needs no groups."""
+    try:
+        super(ReinforceConfig, config).__post_init__()
+    except ValueError as error:
+        # RLOO's last check asks for groups of at least two completions; the other baselines need no groups.
+        groupless = config.num_generations == 1 and config.baseline != "rloo"
+        if not (groupless and "2 generations" in str(error)):
+            raise
 
 
 def check_baseline(config: ReinforceConfig) -> None:
@@ -365,6 +385,8 @@ def check_critic_and_returns(config: ReinforceConfig) -> None:
 
 def check_inverse_cdf_sampling(config: ReinforceConfig) -> None:
     """inverse_cdf_sampling replaces plain temperature sampling in transformers' `generate`, and nothing else."""
+    if not config.inverse_cdf_sampling:
+        return
     unsupported = {
         "top_k": config.top_k not in (0, None),
         "top_p": config.top_p != 1.0,

@@ -70,6 +70,7 @@ class ValueHeadModel(nn.Module):
         # Layers below this one carry none of the critic's weights (a critic adapter on the top layers of a shared
         # base): their forward is the reference model's, and can be taken from the reference pass.
         self.first_trained_layer = 0
+        self.backbone_trains = True  # False: the head learns alone (`freeze_backbone`)
         self.value_head = nn.Linear(2 * hidden_size, 1, dtype=torch.float32)  # [h_t, accumulated] -> V
         nn.init.zeros_(self.value_head.weight)
         nn.init.zeros_(self.value_head.bias)
@@ -155,7 +156,8 @@ class ValueHeadModel(nn.Module):
         accumulated); 0 accumulates over the whole text. `layer_input`, the hidden states entering the first trained
         layer when they are already known (see `capture_layer_input`), saves the forward of the layers below it.
         """
-        with self.critic_adapter():
+        # A frozen backbone runs without gradients: no backward pass, and no activations kept for one
+        with self.critic_adapter(), torch.set_grad_enabled(torch.is_grad_enabled() and self.backbone_trains):
             hidden = self._hidden_states(input_ids, attention_mask, layer_input)
         hidden = hidden.to(self.value_head.weight.dtype)  # (batch, seq, hidden)
         normalized = hidden * torch.rsqrt(hidden.square().mean(dim=-1, keepdim=True) + 1e-6)
@@ -194,8 +196,19 @@ class ValueHeadModel(nn.Module):
         self.return_mean.fill_(mean)
         self.return_std.fill_(std)
 
+    def freeze_backbone(self) -> None:
+        """Let the head learn alone on the backbone's features: its forward runs without gradients from now on, and
+        `fitted_parameters` are the head's. The backbone's weights stay in `trainable_parameters`, which checkpoints
+        and saves hold."""
+        self.backbone_trains = False
+
+    def fitted_parameters(self) -> list[nn.Parameter]:
+        """What the critic's optimizer updates: `trainable_parameters`, or the head's alone with a frozen backbone."""
+        return self.trainable_parameters() if self.backbone_trains else list(self.value_head.parameters())
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """What the critic's optimizer updates: its adapter (or whole backbone) and the head, never the policy's."""
+        """The critic's own weights, which checkpoints hold: its adapter (or whole backbone) and the head, never the
+        policy's."""
         if self.adapter_name is not None:
             backbone_params = [p for n, p in self.backbone.named_parameters() if f".{self.adapter_name}." in n]
         elif isinstance(self.backbone, PeftModel):

@@ -28,6 +28,7 @@ CRITIC_FIELD_VALUES = {
     "critic_epochs": 3,
     "critic_max_grad_norm": 0.5,
     "critic_pretraining_epochs": 2,
+    "critic_head_only": True,
     "lam": 0.9,
 }
 OTHER_BASELINES = ("otb", "rloo", "mean", "none")

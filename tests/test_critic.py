@@ -295,6 +295,36 @@ def test_critic_starts_as_a_4bit_reward_adapter(tmp_path, tiny_paths, shares_bas
     assert all(not torch.equal(b, p) for b, p in zip(before, critic_parameters))
 
 
+def test_a_head_only_critic_trains_its_head_on_the_frozen_reward_adapter(tmp_path, tiny_paths):
+    """critic_head_only: the copied reward adapter stays as it was, no gradient reaches it, the head learns."""
+    pairs = make_preference_dataset(64)
+    peft_config = LoraConfig(task_type="SEQ_CLS", **LORA_KWARGS)
+    train_reward_model(tiny_paths["policy"], pairs, tmp_path / "rm", quantization_config=NF4, peft_config=peft_config)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_paths["policy"], num_labels=1, quantization_config=NF4
+    )
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=PeftModel.from_pretrained(base, tmp_path / "rm").eval(),
+        args=run_args(tmp_path, critic_head_only=True),
+        train_dataset=PROMPTS,
+        reward_processing_classes=AutoTokenizer.from_pretrained(tiny_paths["policy"]),
+        quantization_config=NF4,
+        peft_config=LORA,
+    )
+    critic = trainer.value_model
+    head = critic.value_head.weight
+    backbone = [p for p in critic.trainable_parameters() if p is not head and p is not critic.value_head.bias]
+    assert backbone and trainer.critic.optimizer is None
+    before = [p.detach().clone() for p in [*backbone, head]]
+    trainer.train()
+    assert [p for group in trainer.critic.optimizer.param_groups for p in group["params"]] == [head]
+    assert all(torch.equal(b, p) for b, p in zip(before, backbone))
+    assert all(p.grad is None for p in backbone)
+    assert not torch.equal(before[-1], head)
+    assert logged(trainer, "critic/value_loss")
+
+
 @pytest.mark.parametrize(
     "top_layer_modules",
     [r".*layers\.1\.self_attn\.(q|k|v|o)_proj", ["layers.1.self_attn.q_proj", "layers.1.mlp.up_proj"]],

@@ -6,6 +6,8 @@ recipe's. `real-demo --arm` and `benchmarks/baselines.py --arms` read them.
   w held at 0, so the baselines are the other completions' mean return G_t per token. The critic's worth is the
   difference between `critic` and this arm, and nothing else.
 - `critic-1`: the critic with one completion per prompt (the others are the rest of the batch).
+- `critic-head`: the critic's value head trained alone, on its frozen backbone (`critic_head_only`): with the
+  recipe's critic, a head on the reward adapter's hidden states.
 - `otb`: the optimal token baseline, critic-free (`advantages.optimal_token_baseline`).
 - `rloo`: the leave-one-out mean with the KL summed into the sequence reward, as `trl.RLOOTrainer` does.
 - `mean`, `none`: the batch mean, no baseline.
@@ -15,6 +17,7 @@ ARMS = {
     "critic": {"baseline": "critic"},
     "critic-w0": {"baseline": "critic", "critic_weight": 0.0},
     "critic-1": {"baseline": "critic", "num_generations": 1},
+    "critic-head": {"baseline": "critic", "critic_head_only": True},
     "otb": {"baseline": "otb"},
     "rloo": {"baseline": "rloo"},
     "mean": {"baseline": "mean"},

@@ -33,7 +33,8 @@ class RealDemoArguments:
         default=None,
         metadata={
             "help": "A named arm instead of --baseline (hf_reinforce.examples.arms): critic, critic-w0 (the isolated "
-            "ablation: the critic trains, w is held at 0), critic-1 (one answer per prompt), otb, rloo, mean, none.",
+            "ablation: the critic trains, w is held at 0), critic-1 (one answer per prompt), critic-head (the value "
+            "head trained alone on the frozen reward adapter), otb, rloo, mean, none.",
             "choices": list(ARMS),
         },
     )

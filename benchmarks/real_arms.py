@@ -31,6 +31,7 @@ COLUMNS = (
     ("kl_per_answer_held_out", "KL/answer"),
     ("repetitive_after", "repeats"),
     ("critic_explained_variance_pooled", "EV pooled"),
+    ("critic_explained_variance_finished_pooled", "EV pooled, finished"),
     ("critic_recentred_explained_variance", "EV recentred"),
     ("critic_explained_variance_first", "EV 1st third"),
     ("critic_explained_variance_middle", "EV 2nd third"),

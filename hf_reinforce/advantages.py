@@ -260,12 +260,16 @@ POSITIONS = ("first", "middle", "last")
 
 
 def value_diagnostics(
-    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int
+    values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, group_size: int, cut: torch.Tensor | None = None
 ) -> dict[str, float]:
     """What the values know of the returns, taken before the critic learns from them: the explained variance, raw
     and recentred (`recentred_explained_variance`), over all tokens and per third of the answers (`position_thirds`),
-    and the variances of the returns and of their residuals, whose sums over steps give a pooled explained variance."""
-    # values, returns, mask: (batch, completion_len)
+    and the variances of the returns and of their residuals, whose sums over steps give a pooled explained variance.
+
+    With `cut` (which completions were cut at the length limit), the same three figures over the finished
+    completions' tokens alone (`*_finished`): a missing-EOS penalty is paid on cut completions only, and these say
+    what the values know of the returns without it."""
+    # values, returns, mask: (batch, completion_len)   cut: (batch,) bool
     thirds = position_thirds(mask)
     diagnostics = {
         "explained_variance": explained_variance(values, returns, mask),
@@ -279,5 +283,10 @@ def value_diagnostics(
         diagnostics[f"recentred_explained_variance_{position}"] = recentred_explained_variance(
             values, returns, mask, group_size, where
         )
+    if cut is not None:
+        finished = mask * ~cut.unsqueeze(1)
+        diagnostics["explained_variance_finished"] = explained_variance(values, returns, finished)
+        diagnostics["returns_variance_finished"] = masked_var(returns, finished)
+        diagnostics["residual_variance_finished"] = masked_var(returns - values, finished)
     values = torch.stack([value.float() for value in diagnostics.values()]).tolist()  # one copy to the host
     return dict(zip(diagnostics, values))

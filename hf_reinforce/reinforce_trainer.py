@@ -239,7 +239,8 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
         baselines = baselines[self._local_rows(len(values)), : values.size(1)].nan_to_num(0.0)
         metrics = self._metrics[mode]
         metrics["critic/values_mean"].append(masked_mean(values, mask).item())
-        for name, value in value_diagnostics(all_values, all_returns, all_mask, group).items():
+        cut = gather(cut_off(rollout.completion_ids, rollout.completion_mask, self.eos_token_ids))
+        for name, value in value_diagnostics(all_values, all_returns, all_mask, group, cut).items():
             metrics[f"critic/{name}"].append(value)
         metrics["critic/baseline_explained_variance"].append(explained_variance(baselines, returns, mask).item())
         metrics["critic/weight"].append(self.critic.weight(warming_up))

@@ -270,3 +270,17 @@ def test_value_diagnostics_split_the_explained_variance_by_position():
     assert diagnostics["recentred_explained_variance_last"] == pytest.approx(0.0)
     pooled = 1 - diagnostics["residual_variance"] / diagnostics["returns_variance"]
     assert pooled == pytest.approx(diagnostics["explained_variance"])
+
+
+def test_value_diagnostics_split_off_the_finished_completions():
+    returns = torch.tensor([[1.0, 1.0, 1.0], [3.0, 3.0, 0.0], [-3.0, -3.0, -3.0]])
+    values = torch.tensor([[1.0, 1.0, 1.0], [3.0, 3.0, 0.0], [0.0, 0.0, 0.0]])  # exact, but blind to the penalty
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    cut = torch.tensor([False, False, True])
+    diagnostics = value_diagnostics(values, returns, mask, group_size=3, cut=cut)
+    assert diagnostics["explained_variance_finished"] == pytest.approx(1.0)
+    assert diagnostics["residual_variance_finished"] == pytest.approx(0.0)
+    assert diagnostics["returns_variance_finished"] == pytest.approx(0.96)  # 1, 1, 1, 3, 3: mean 1.8, variance 0.96
+    # every token: returns of mean 0 and variance 48 / 8; residuals 0 five times and -3 three times
+    assert diagnostics["explained_variance"] == pytest.approx(1 - (27 / 8 - (9 / 8) ** 2) / 6)
+    assert "explained_variance_finished" not in value_diagnostics(values, returns, mask, group_size=3)

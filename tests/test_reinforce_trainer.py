@@ -104,6 +104,7 @@ def test_logged_metrics_and_tensorboard(tmp_path, tiny_paths):
         "critic/value_loss",
         "critic/explained_variance",
         "critic/recentred_explained_variance",
+        "critic/returns_variance_finished",
         "critic/weight",
         "objective/rlhf_reward",
     ):

@@ -111,22 +111,26 @@ CRITIC_METRICS = (
         for kind in ("explained_variance", "recentred_explained_variance")
         for position in POSITIONS
     ),
+    "explained_variance_finished",
     "weight",
 )
 
 
 def critic_diagnostics(log: list[dict]) -> dict:
     """What the critic knew over the last 20 % of logged steps (None without a critic): each of `CRITIC_METRICS`
-    averaged over those steps, and the explained variance pooled over them, 1 − Σ Var(G − V) / Σ Var(G)."""
+    averaged over those steps, and the explained variance pooled over them, 1 − Σ Var(G − V) / Σ Var(G), over all
+    answers and over the finished ones alone (no missing-EOS penalty in their returns)."""
     diagnostics = {}
     for name in CRITIC_METRICS:
         _, values = logged(log, f"critic/{name}")
         diagnostics[f"critic_{name}"] = tail_mean(values) if values else None
-    _, residual = logged(log, "critic/residual_variance")
-    _, returns = logged(log, "critic/returns_variance")
-    tail = max(1, round(len(returns) * 0.2))
-    pooled = 1 - sum(residual[-tail:]) / sum(returns[-tail:]) if returns and sum(returns[-tail:]) > 0 else None
-    return {**diagnostics, "critic_explained_variance_pooled": pooled}
+    for answers in ("", "_finished"):
+        _, residual = logged(log, f"critic/residual_variance{answers}")
+        _, returns = logged(log, f"critic/returns_variance{answers}")
+        tail = max(1, round(len(returns) * 0.2))
+        pooled = 1 - sum(residual[-tail:]) / sum(returns[-tail:]) if returns and sum(returns[-tail:]) > 0 else None
+        diagnostics[f"critic_explained_variance{answers}_pooled"] = pooled
+    return diagnostics
 
 
 def mean_and_stderr(values: list[float]) -> tuple[float, float]:

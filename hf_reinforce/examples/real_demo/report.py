@@ -42,6 +42,7 @@ SUMMARY_KEYS = (
     "kl_per_token_training",
     *(f"critic_{name}" for name in CRITIC_METRICS),
     "critic_explained_variance_pooled",
+    "critic_explained_variance_finished_pooled",
     "finished_after",
     "repetitive_after",
 )

@@ -114,6 +114,7 @@ class CriticBatch:
     first_losses: list = field(default_factory=list)
     normalized_values: torch.Tensor | None = None  # (B, C), before fitting
     values: torch.Tensor | None = None  # (B, C): V(s_t) in reward units, before fitting
+    frozen_features: list = field(default_factory=list)  # per row chunk (rows, P+C, 2·hidden), frozen backbone only
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,16 @@ class Critic:
 
     def _normalized_rows(self, input_ids, attention_mask, rows, completion_length, layer_input) -> torch.Tensor:
         """(V(s_t) − mean)/std for each completion token a_t of the rows; s_t ends at position t − 1."""
+        features = self._features(input_ids, attention_mask, rows, completion_length, layer_input)
+        return self._head_rows(features, completion_length)
+
+    def _features(self, input_ids, attention_mask, rows, completion_length, layer_input) -> torch.Tensor:
         completion_start = input_ids.size(1) - completion_length - 1  # the prompt's last position
         rows_input = None if layer_input is None else layer_input[rows]
-        values = self.model(
-            input_ids[rows], attention_mask[rows], completion_start, normalized=True, layer_input=rows_input
-        )  # (rows, P+C)
+        return self.model.features(input_ids[rows], attention_mask[rows], completion_start, rows_input)
+
+    def _head_rows(self, features: torch.Tensor, completion_length: int) -> torch.Tensor:
+        values = self.model.value_head(features).squeeze(-1)  # (rows, P+C), normalised units
         return values[:, -completion_length - 1 : -1].float()  # (rows, C): column 0 is V(s_0), the prompt's value
 
     def _row_chunks(self, num_rows: int) -> list[slice]:
@@ -202,12 +208,20 @@ class Critic:
     def _backward_pass(self, batch: CriticBatch, keep_values: bool) -> tuple[list, list]:
         """One pass of the centred value loss over the batch in row chunks, gradients accumulated (no step)."""
         values, losses = [], []
+        completion_length = batch.returns.size(1)
         # The backward pass must see the critic's adapter too: activation checkpointing recomputes the forward there
         with self.model.critic_adapter():
-            for rows in self._row_chunks(len(batch.input_ids)):
-                normalized = self._normalized_rows(
-                    batch.input_ids, batch.attention_mask, rows, batch.returns.size(1), batch.layer_input
-                )
+            for index, rows in enumerate(self._row_chunks(len(batch.input_ids))):
+                # A frozen backbone's features are the same in every epoch: its forward runs once per batch
+                if index < len(batch.frozen_features):
+                    features = batch.frozen_features[index]
+                else:
+                    features = self._features(
+                        batch.input_ids, batch.attention_mask, rows, completion_length, batch.layer_input
+                    )
+                    if not self.model.backbone_trains:
+                        batch.frozen_features.append(features)
+                normalized = self._head_rows(features, completion_length)
                 if keep_values:
                     values.append(normalized.detach())
                 loss = value_loss(normalized, batch.targets[rows], batch.mask[rows], centred=True)

@@ -325,6 +325,32 @@ def test_a_head_only_critic_trains_its_head_on_the_frozen_reward_adapter(tmp_pat
     assert logged(trainer, "critic/value_loss")
 
 
+def test_a_head_only_critic_runs_its_frozen_backbone_once_per_batch_whatever_its_epochs(tmp_path, tiny_paths):
+    """critic_head_only with critic_epochs=3: each extra epoch fits the head on the first pass's features, and the
+    backbone's forward is not run again."""
+    trainer = ReinforceTrainer(
+        model=tiny_paths["policy"],
+        reward_funcs=lambda completions, **kwargs: [float(text.count("a")) for text in completions],
+        args=run_args(tmp_path, critic_head_only=True, critic_epochs=3, max_steps=2),
+        train_dataset=PROMPTS,
+    )
+    critic = trainer.value_model
+    forwards, updates, update = [], [], trainer.critic.update
+    critic._decoder().register_forward_hook(lambda *args: forwards.append(1))
+
+    def counted_update(batch):
+        before, result = len(forwards), update(batch)
+        updates.append((before, len(forwards)))
+        return result
+
+    trainer.critic.update = counted_update
+    head = critic.value_head.weight.detach().clone()
+    trainer.train()
+    assert len(updates) == 2 and all(before == after for before, after in updates)  # no forward while fitting
+    assert len(forwards) == 2  # each step's first pass, one chunk of 16 rows
+    assert not torch.equal(head, critic.value_head.weight)
+
+
 @pytest.mark.parametrize(
     "top_layer_modules",
     [r".*layers\.1\.self_attn\.(q|k|v|o)_proj", ["layers.1.self_attn.q_proj", "layers.1.mlp.up_proj"]],

@@ -46,6 +46,22 @@ def answer(text: str) -> list[dict]:
 # ---------------------------------------------------------------- the pipeline's pieces (fast, no model needed)
 
 
+def test_the_summary_pools_the_explained_variance_over_all_and_over_finished_answers():
+    """1 − Σ Var(G − V) / Σ Var(G) over the last 20 % of logged steps (here 1 of 5), over all answers and the
+    finished ones; None where a run logged no finished answers' variance."""
+    variances = [(4.0, 1.0, 2.0, 1.5)] * 4 + [(3.0, 2.4, 1.0, 0.5)]
+    names = ("returns_variance", "residual_variance", "returns_variance_finished", "residual_variance_finished")
+    log = [
+        {"step": step} | {f"critic/{name}": value for name, value in zip(names, row)}
+        for step, row in enumerate(variances)
+    ]
+    diagnostics = evaluation.critic_diagnostics(log)
+    assert diagnostics["critic_explained_variance_pooled"] == pytest.approx(1 - 2.4 / 3.0)
+    assert diagnostics["critic_explained_variance_finished_pooled"] == pytest.approx(0.5)
+    older_run = [{"step": 1, "critic/returns_variance": 1.0, "critic/residual_variance": 0.5}]
+    assert evaluation.critic_diagnostics(older_run)["critic_explained_variance_finished_pooled"] is None
+
+
 def test_held_out_items_are_never_training_items():
     train, held_out = data.split_items(32, seed=0)
     assert len(held_out) == 32 and not set(train) & set(held_out)

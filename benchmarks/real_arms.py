@@ -6,12 +6,14 @@
 Per seed, the datasets and the reward model are made once (the preferences and reward-model stages of `real-demo`,
 in `<output_dir>/base/seed_<N>`); every arm then runs the REINFORCE stage and the evaluation on them
 (`real-demo --reward_from`, one thread, in `<output_dir>/arms/<arm>/seed_<N>`), so that the arms differ in
-REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus `critic-pre`: `critic` with its value
-pretrained on the answers of the reward model's preference pairs (`--value_pretraining`). A run whose
+REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus two variants of them (`STUDY_ARMS`):
+`critic-pre`, `critic` with its value pretrained on the answers of the reward model's preference pairs
+(`--value_pretraining`), and `critic-head-e4`, `critic-head` fitting each batch in 4 epochs. A run whose
 `summary.json` exists is not run again (delete its folder to rerun it). The report: per arm and seed, the held-out
 gold gain, held-out KL per answer, answers repeating a word, and the critic's out-of-sample explained variance (raw,
-recentred, per third of the answer, pooled) and weight over the last 20 % of logged steps; per arm, the mean over
-seeds and the paired difference to `critic-w0` (the isolated ablation) with its standard error.
+recentred, per third of the answer, pooled over all answers and over the finished ones) and weight over the last 20 %
+of logged steps; per arm, the mean over seeds and the paired differences to `critic-w0` (the isolated ablation) and to
+`rloo` (four completions per prompt, the reference of `critic-1`) with their standard errors.
 """
 
 import argparse
@@ -25,7 +27,13 @@ from pathlib import Path
 
 
 PRE_ARM = "critic-pre"
+# Variants of the named arms: real-demo flags
+STUDY_ARMS = {
+    PRE_ARM: ["--arm", "critic", "--value_pretraining", "true"],
+    "critic-head-e4": ["--arm", "critic-head", "--reinforce_settings", "critic_epochs=4"],
+}
 ABLATION = "critic-w0"
+RLOO_ARM = "rloo"  # four completions per prompt, the reference of `critic-1`
 COLUMNS = (
     ("gold_gain", "gain"),
     ("kl_per_answer_held_out", "KL/answer"),
@@ -69,7 +77,7 @@ def run_arm(arm: str, seed: int, output_dir: Path) -> None:
     run_dir = output_dir / "arms" / arm / f"seed_{seed}"
     if (run_dir / "summary.json").exists():
         return
-    flags = ["--arm", "critic", "--value_pretraining", "true"] if arm == PRE_ARM else ["--arm", arm]
+    flags = STUDY_ARMS.get(arm, ["--arm", arm])
     command = ["hf-reinforce", "real-demo", "--seeds", str(seed), *flags, "--num_threads", "1"]
     command += ["--reward_from", str(output_dir / "base" / f"seed_{seed}"), "--output_dir", str(run_dir)]
     run_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -92,15 +100,16 @@ def cell(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def paired(found: dict, arm: str, key: str = "gold_gain") -> str:
-    """Mean over the seeds both ran of this arm's value minus the ablation's, ± its standard error."""
-    seeds = sorted(set(found.get(arm, {})) & set(found.get(ABLATION, {})))
-    differences = [found[arm][s][key] - found[ABLATION][s][key] for s in seeds]
-    if arm == ABLATION or not differences:
+def paired(found: dict, arm: str, reference: str, key: str = "gold_gain") -> str:
+    """Mean over the seeds both ran of this arm's value minus the reference arm's, ± its standard error, and the
+    ratio of their means over those seeds."""
+    seeds = sorted(set(found.get(arm, {})) & set(found.get(reference, {})))
+    if arm == reference or not seeds:
         return "-"
+    differences = [found[arm][s][key] - found[reference][s][key] for s in seeds]
     error = statistics.stdev(differences) / math.sqrt(len(differences)) if len(differences) > 1 else math.nan
-    ratios = [found[arm][s][key] / found[ABLATION][s][key] for s in seeds]
-    return f"{statistics.fmean(differences):+.3f} ± {error:.3f} ({statistics.fmean(ratios):.2f}x; {len(seeds)} seeds)"
+    arm_mean, reference_mean = (statistics.fmean(found[name][s][key] for s in seeds) for name in (arm, reference))
+    return f"{statistics.fmean(differences):+.3f} ± {error:.3f} ({arm_mean / reference_mean:.2f}x; {len(seeds)} seeds)"
 
 
 def report(found: dict) -> str:
@@ -113,8 +122,13 @@ def report(found: dict) -> str:
             means = [[run.get(key) for run in runs.values() if run.get(key) is not None] for key, _ in COLUMNS]
             row = " | ".join(cell(statistics.fmean(v)) if v else "-" for v in means)
             lines.append(f"| **{arm}** | mean | {row} |")
-    lines += ["", f"| arm | gold gain minus {ABLATION}'s, mean ± s.e. over seeds (mean ratio) |", "|---|---|"]
-    lines += [f"| {arm} | {paired(found, arm)} |" for arm in found if arm != ABLATION]
+    lines += [
+        "",
+        "Gold gain minus the reference arm's: mean ± s.e. over the seeds both ran (ratio of their means).",
+        "",
+    ]
+    lines += [f"| arm | minus {ABLATION}'s | minus {RLOO_ARM}'s |", "|---|---|---|"]
+    lines += [f"| {arm} | {paired(found, arm, ABLATION)} | {paired(found, arm, RLOO_ARM)} |" for arm in found]
     return "\n".join(lines)
 
 

@@ -6,7 +6,7 @@
 Per seed, the datasets and the reward model are made once (the preferences and reward-model stages of `real-demo`,
 in `<output_dir>/base/seed_<N>`); every arm then runs the REINFORCE stage and the evaluation on them
 (`real-demo --reward_from`, one thread, in `<output_dir>/arms/<arm>/seed_<N>`), so that the arms differ in
-REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus two variants of them (`STUDY_ARMS`):
+REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus variants of them (`STUDY_ARMS`):
 `critic-pre`, `critic` with its value pretrained on the answers of the reward model's preference pairs
 (`--value_pretraining`); `critic-head-e4`, `critic-head` fitting each batch in 4 epochs; and `critic-1-w0`,
 `critic-1`'s isolated ablation (its weight w held at 0: the baseline is the rest of the batch's mean return).

@@ -249,9 +249,7 @@ class ReinforceTrainer(RolloutMixin, ResumableMixin, EngineMixin, ModelCardMixin
     def _update_critic(self, critic_batch, batch_values) -> None:
         """The critic's optimizer steps on this batch, and the batch joins the fit of w for later batches."""
         update = self.critic.update(critic_batch)
-        self.critic.observe(
-            batch_values.all_values, batch_values.all_returns, batch_values.all_mask, batch_values.group
-        )
+        self.critic.observe(*batch_values[1:])  # every process's values, returns and mask, and the group
         self._metrics["train"]["critic/value_loss"].append(update.value_loss)
         self._metrics["train"]["critic/num_skipped_updates"].append(update.num_skipped_updates)
 

@@ -13,8 +13,9 @@ REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus variants o
 A run whose `summary.json` exists is not run again (delete its folder to rerun it). The report: per arm and seed, the
 held-out gold gain, held-out KL per answer, answers repeating a word, and the critic's out-of-sample explained variance
 (raw, recentred, per third of the answer, pooled over all answers and over the finished ones) and weight over the last
-20 % of logged steps; per arm, the mean over seeds and the paired differences to `critic-w0` (the isolated ablation)
-and to `rloo` (four completions per prompt, the reference of `critic-1`) with their standard errors.
+20 % of logged steps; per arm, the mean over seeds and the paired differences to its isolated ablation (`critic-w0`, or
+`critic-1-w0` for `critic-1`) and to `rloo` (four completions per prompt, the reference of `critic-1`) with their
+standard errors.
 """
 
 import argparse
@@ -35,6 +36,7 @@ STUDY_ARMS = {
     "critic-1-w0": ["--arm", "critic-1", "--reinforce_settings", "critic_weight=0.0"],
 }
 ABLATION = "critic-w0"
+ABLATIONS = {"critic-1": "critic-1-w0"}  # an arm's isolated ablation, where it is not critic-w0
 RLOO_ARM = "rloo"  # four completions per prompt, the reference of `critic-1`
 COLUMNS = (
     ("gold_gain", "gain"),
@@ -129,8 +131,10 @@ def report(found: dict) -> str:
         "Gold gain minus the reference arm's: mean ± s.e. over the seeds both ran (ratio of their means).",
         "",
     ]
-    lines += [f"| arm | minus {ABLATION}'s | minus {RLOO_ARM}'s |", "|---|---|---|"]
-    lines += [f"| {arm} | {paired(found, arm, ABLATION)} | {paired(found, arm, RLOO_ARM)} |" for arm in found]
+    lines += [f"| arm | minus its isolated ablation's | minus {RLOO_ARM}'s |", "|---|---|---|"]
+    for arm in found:
+        ablation = ABLATIONS.get(arm, ABLATION)
+        lines.append(f"| {arm} | {ablation}: {paired(found, arm, ablation)} | {paired(found, arm, RLOO_ARM)} |")
     return "\n".join(lines)
 
 

@@ -6,16 +6,16 @@
 Per seed, the datasets and the reward model are made once (the preferences and reward-model stages of `real-demo`,
 in `<output_dir>/base/seed_<N>`); every arm then runs the REINFORCE stage and the evaluation on them
 (`real-demo --reward_from`, one thread, in `<output_dir>/arms/<arm>/seed_<N>`), so that the arms differ in
-REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus variants of them (`STUDY_ARMS`):
-`critic-pre`, `critic` with its value pretrained on the answers of the reward model's preference pairs
-(`--value_pretraining`); `critic-head-e4`, `critic-head` fitting each batch in 4 epochs; and `critic-1-w0`,
-`critic-1`'s isolated ablation (its weight w held at 0: the baseline is the rest of the batch's mean return).
-A run whose `summary.json` exists is not run again (delete its folder to rerun it). The report: per arm and seed, the
-held-out gold gain, held-out KL per answer, answers repeating a word, and the critic's out-of-sample explained variance
-(raw, recentred, per third of the answer, pooled over all answers and over the finished ones) and weight over the last
-20 % of logged steps; per arm, the mean over seeds and the paired differences to its isolated ablation (`critic-w0`, or
-`critic-1-w0` for `critic-1`) and to `rloo` (four completions per prompt, the reference of `critic-1`) with their
-standard errors.
+REINFORCE alone. Arms are those of `hf_reinforce.examples.arms`, plus variants of them (`STUDY_ARMS`): `critic-pre`,
+`critic` with its value pretrained on the answers of the reward model's preference pairs (`--value_pretraining`), and
+`critic-pre-lr1e-4`, the same at a tenth of the critic's learning rate; `critic-head-e4`, `critic-head` fitting each
+batch in 4 epochs; and `critic-1-w0`, `critic-1`'s isolated ablation (its weight w held at 0: the baseline is the rest
+of the batch's mean return). A run whose `summary.json` exists is not run again (delete its folder to rerun it). The
+report: per arm and seed, the held-out gold gain, held-out KL per answer, answers repeating a word, and the critic's
+out-of-sample explained variance (raw, recentred, per third of the answer, pooled over all answers and over the
+finished ones) and weight over the last 20 % of logged steps; per arm, the mean over seeds and the paired differences
+to its isolated ablation (`critic-w0`, or `critic-1-w0` for `critic-1`) and to `rloo` (four completions per prompt, the
+reference of `critic-1`) with their standard errors.
 """
 
 import argparse
@@ -34,6 +34,8 @@ STUDY_ARMS = {
     PRE_ARM: ["--arm", "critic", "--value_pretraining", "true"],
     "critic-head-e4": ["--arm", "critic-head", "--reinforce_settings", "critic_epochs=4"],
     "critic-1-w0": ["--arm", "critic-1", "--reinforce_settings", "critic_weight=0.0"],
+    "critic-pre-lr1e-4": ["--arm", "critic", "--value_pretraining", "true"]
+    + ["--reinforce_settings", "critic_learning_rate=1e-4"],
 }
 ABLATION = "critic-w0"
 ABLATIONS = {"critic-1": "critic-1-w0"}  # an arm's isolated ablation, where it is not critic-w0
